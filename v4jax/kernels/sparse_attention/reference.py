@@ -1,0 +1,50 @@
+"""Pure-jnp sparse MQA with an attention sink: the specification of the sparse-attention op.
+
+Every query token attends to an index set of rows of a shared K = V pool (its sliding window
+and its compressed entries; `v4-architecture.md` section 3.1 step 6). The rounding follows the
+official `sparse_attn_kernel`: scores in float32, an online softmax over 64-wide blocks of the
+index list whose running max excludes the sink, probabilities rounded to the query dtype
+before the P.V product, float32 row sums of the unrounded probabilities, and the sink adding
+`exp(sink - max)` to the denominator only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["sparse_attention_reference"]
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def sparse_attention_reference(
+    q: jnp.ndarray,  # [B, S, H, D]
+    kv: jnp.ndarray,  # [B, N, D] shared key = value rows
+    idx: jnp.ndarray,  # [B, S, K] int32 rows of kv per query, -1 = none
+    sink: jnp.ndarray,  # [H] float32 logits
+    *,
+    scale: float,
+    block: int = 64,
+) -> jnp.ndarray:  # [B, S, H, D] in q.dtype
+    b, s, h, d = q.shape
+    k = idx.shape[-1]
+    valid = idx >= 0
+    rows = jnp.take_along_axis(kv[:, None], jnp.maximum(idx, 0)[..., None], axis=2)  # [B,S,K,D]
+    rows = jnp.where(valid[..., None], rows.astype(jnp.float32), 0.0)
+    scores = jnp.einsum("bshd,bskd->bshk", q.astype(jnp.float32), rows, precision=_HI)
+    scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf) * jnp.float32(scale)
+    nb = -(-k // block)
+    scores = jnp.pad(scores, ((0, 0),) * 3 + ((0, nb * block - k),), constant_values=-jnp.inf)
+    sb = scores.reshape(b, s, h, nb, block)
+    m_run = jax.lax.cummax(jnp.max(sb, axis=-1), axis=3)  # [B,S,H,nb] running max, no sink
+    m_fin = m_run[..., -1:]
+    safe = lambda m: jnp.where(jnp.isfinite(m), m, 0.0)  # rows with no valid key: all-zero p
+    factor = jnp.exp(safe(m_run) - safe(m_fin))
+    p = jnp.exp(sb - safe(m_run)[..., None])
+    p_cast = p.astype(q.dtype).astype(jnp.float32)
+    denom = jnp.sum(jnp.sum(p, axis=-1) * factor, axis=-1)
+    denom = denom + jnp.exp(sink.astype(jnp.float32) - safe(m_fin[..., 0]))
+    w = (p_cast * factor[..., None]).reshape(b, s, h, nb * block)[..., :k]
+    o = jnp.einsum("bshk,bskd->bshd", w, rows, precision=_HI) / denom[..., None]
+    return o.astype(q.dtype)

@@ -1,0 +1,66 @@
+"""Lightning indexer of CSA layers (spec 3.5): picks the top-k compressed entries per query.
+
+Queries come from the attention's query latent (`c_q`), keys from the indexer's own ratio-4
+compressor (Hadamard-rotated, FP4-simulated in the reference numerics). Score
+I[t, i] = sum_h w_h ReLU(q_h . k_i), computed with the reference's bf16 rounding points.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from v4jax.config import ModelConfig
+from v4jax.model.compressor import Compressor
+from v4jax.model.layers import F32, Linear, freq_tuple, rope
+from v4jax.numerics import Precision, fp4_quant_dequant, hadamard
+
+HI = jax.lax.Precision.HIGHEST
+
+
+class Indexer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, prec: Precision):
+        self.heads, self.head_dim, self.topk = cfg.index_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = Linear(cfg.q_lora_rank, self.heads * self.head_dim, fmt="fp8",
+                           axes=("index", "q_lora"), prec=prec)
+        self.weights_proj = Linear(cfg.dim, self.heads, fmt="bf16", axes=("index", "embed"),
+                                   prec=prec)
+        self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True, prec=prec)
+        self.freqs = freq_tuple(cfg, 4)
+        self.prec = prec
+
+    def queries(self, qr: jnp.ndarray, pos: jnp.ndarray) -> jnp.ndarray:
+        """c_q [B, S, Q] -> rotated (and FP4-simulated) indexer queries [B, S, H, K]."""
+        b, s, _ = qr.shape
+        q = self.wq_b(qr).reshape(b, s, self.heads, self.head_dim)
+        q = rope(q, pos, np.asarray(self.freqs, np.float32))
+        q = hadamard(q)
+        q = fp4_quant_dequant(q, 32) if self.prec.simulate_quant else q
+        return q.astype(self.prec.dtype)
+
+    def scores(self, u: jnp.ndarray, q: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
+        """Index scores [B, S, C] (activation dtype arithmetic, as the reference's bf16)."""
+        rnd = self.prec.round
+        w = self.weights_proj(u).astype(F32) * F32(self.head_dim**-0.5 * self.heads**-0.5)
+        w = rnd(w)  # [B, S, H]
+        logits = rnd(jnp.einsum("bshk,bck->bshc", q.astype(F32), keys.astype(F32),
+                                precision=HI))
+        weighted = rnd(jnp.maximum(logits, 0.0) * w[..., None])
+        return rnd(jnp.sum(weighted, axis=2))
+
+    def __call__(self, u, qr, pos, keys, visible) -> jnp.ndarray:
+        """Top-k entry indices [B, S, k] (-1 where the pick is not visible to the query).
+
+        `keys` [B, C, K] are the indexer's compressed keys, `visible` [B, S, C] the causal
+        mask of entries (block complete at or before the query).
+        """
+        c = keys.shape[1]
+        k = min(self.topk, c)
+        if k == 0:
+            return jnp.zeros(u.shape[:2] + (0,), jnp.int32)
+        sc = jnp.where(visible, self.scores(u, self.queries(qr, pos), keys), -jnp.inf)
+        _, top = jax.lax.top_k(sc, k)  # ties: lower index first
+        picked_ok = jnp.take_along_axis(visible, top, axis=-1)
+        return jnp.where(picked_ok, top, -1).astype(jnp.int32)

@@ -1,0 +1,107 @@
+"""The V4 transformer: embedding -> N-stream expansion -> scanned block segments -> hc_head ->
+norm -> head, and the MTP block (spec 2, 4, 6.1).
+
+Structurally identical layers are stacked (leading logical axis "layers") per segment of the
+layer plan and run with `nnx.scan`, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.config import LayerKind, ModelConfig, Segment, layer_plan
+from v4jax.model.block import Block
+from v4jax.model.layers import F32, Linear, RMSNorm, mm, param
+from v4jax.model.mhc import HyperHead
+from v4jax.numerics import Precision
+
+
+class Unit(nnx.Module):
+    """One repetition of a segment's unit (1 or 2 blocks)."""
+
+    def __init__(self, cfg: ModelConfig, kinds: tuple[LayerKind, ...], prec: Precision,
+                 kernels: str):
+        self.blocks = nnx.List([Block(cfg, k, prec, kernels) for k in kinds])
+
+    def __call__(self, x: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
+        for block in self.blocks:
+            x = block(x, ids)
+        return x
+
+
+def stacked_unit(cfg: ModelConfig, seg: Segment, prec: Precision, kernels: str) -> Unit:
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(_):
+        return Unit(cfg, seg.kinds, prec, kernels)
+
+    return make(jnp.arange(seg.repeats))
+
+
+@nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+def _run_stack(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray) -> jnp.ndarray:
+    return unit(x, ids)
+
+
+class Head(nnx.Module):
+    """hc_head collapse -> norm -> float32 head (spec 11.21); weights shared with the MTP."""
+
+    def __init__(self, cfg: ModelConfig, prec: Precision):
+        self.weight = param((cfg.vocab_size, cfg.dim), jnp.bfloat16, ("vocab", "embed"))
+
+    def __call__(self, y: jnp.ndarray) -> jnp.ndarray:  # [B, S, D] normed -> [B, S, V] f32
+        return mm(y.astype(F32), self.weight.value)
+
+
+class MTPBlock(nnx.Module):
+    """The multi-token-prediction block `mtp.0` (spec 6.1): an r = 0, non-hash block fed with
+    e_proj(enorm(embed(next ids))) + h_proj(hnorm(main streams))."""
+
+    def __init__(self, cfg: ModelConfig, prec: Precision, kernels: str):
+        d = cfg.dim
+        self.block = Block(cfg, LayerKind(cfg.mtp_ratios[0], False), prec, kernels)
+        self.e_proj = Linear(d, d, fmt="fp8", axes=("embed", "embed_in"), prec=prec)
+        self.h_proj = Linear(d, d, fmt="fp8", axes=("embed", "embed_in"), prec=prec)
+        self.enorm = RMSNorm(d, cfg.norm_eps, prec)
+        self.hnorm = RMSNorm(d, cfg.norm_eps, prec)
+        self.norm = RMSNorm(d, cfg.norm_eps, prec)
+        self.hc_head = HyperHead(cfg, prec)
+
+    def __call__(self, streams, emb, ids, head: Head) -> jnp.ndarray:
+        """streams [B, S, N, D] of the main model, emb [B, S, D] embeddings of ids -> logits."""
+        x = self.e_proj(self.enorm(emb))[:, :, None, :].astype(F32)
+        x = (x + self.h_proj(self.hnorm(streams)).astype(F32)).astype(emb.dtype)
+        x = self.block(x, ids)
+        return head(self.norm(self.hc_head(x)))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, prec: Precision, kernels: str = "auto"):
+        self.cfg, self.prec = cfg, prec
+        self.embed = param((cfg.vocab_size, cfg.dim), jnp.bfloat16, ("vocab", "embed"))
+        self.segments = nnx.List([stacked_unit(cfg, s, prec, kernels) for s in layer_plan(cfg)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, prec)
+        self.hc_head = HyperHead(cfg, prec)
+        self.head = Head(cfg, prec)
+        self.mtp = MTPBlock(cfg, prec, kernels) if cfg.num_mtp_layers else None
+
+    def embed_tokens(self, ids: jnp.ndarray) -> jnp.ndarray:
+        return self.embed.value[ids].astype(self.prec.dtype)
+
+    def streams(self, ids: jnp.ndarray) -> jnp.ndarray:
+        """Final residual streams [B, S, N, D] (before hc_head) of tokens at 0 .. S-1."""
+        e = self.embed_tokens(ids)
+        x = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.cfg.hc_mult, e.shape[-1]))
+        for unit in self.segments:
+            x = _run_stack(x, unit, ids)
+        return x
+
+    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+        """Token ids [B, S] -> float32 logits [B, S, V] at every position."""
+        return self.head(self.norm(self.hc_head(self.streams(ids))))
+
+    def mtp_logits(self, ids: jnp.ndarray, next_ids: jnp.ndarray) -> jnp.ndarray:
+        """MTP logits [B, S, V]: main streams of ids, MTP fed with next_ids (ids shifted by 1)."""
+        if self.mtp is None:
+            raise ValueError("this config has no MTP block (num_mtp_layers=0)")
+        return self.mtp(self.streams(ids), self.embed_tokens(next_ids), next_ids, self.head)
