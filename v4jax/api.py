@@ -91,7 +91,7 @@ def _abstract(cfg: ModelConfig, prec: Precision, kernels: str):
 
 
 def _leaves(state: nnx.State) -> dict[tuple, jax.ShapeDtypeStruct]:
-    return {tuple(p): v.value for p, v in nnx.to_flat_state(state)}
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
 def _build(cfg, prec, kernels, source, progress: bool) -> Model:
@@ -127,13 +127,16 @@ def init(cfg: ModelConfig, *, seed: int = 0, numerics: str = "reference", dtype=
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts from abstract shapes (no allocation): total (main stack, embedding and
-    head), active per token, and the MTP block. FP4 bytes count two parameters; E8M0 scales
-    and `tid2eid` are not parameters."""
+    """Parameter counts from abstract shapes (no allocation).
+
+    `total`: main stack + embedding + head (the advertised 284B / 1.6T exclude the MTP block,
+    reported as `mtp`). `active`: parameters used per token, i.e. total minus the unused routed
+    experts and minus the embedding table (a lookup, as the spec's 13.3B / 48.9B count it).
+    FP4 bytes count two parameters; E8M0 scales and `tid2eid` are not parameters."""
     _, abstract = _abstract(cfg, Precision(Numerics.BF16, jnp.float32), "auto")
     total = routed = mtp = 0
     for path, v in nnx.to_flat_state(abstract):
-        a = v.value
+        a = v.get_value()
         if a.dtype in (jnp.float8_e8m0fnu, jnp.int32):
             continue
         n = int(np.prod(a.shape)) * (2 if a.dtype == jnp.int8 else 1)
@@ -143,5 +146,6 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         total += n
         if "experts" in path and "shared_experts" not in path:
             routed += n
-    active = total - routed + routed * cfg.experts_per_token // cfg.num_experts
+    embed = cfg.vocab_size * cfg.dim
+    active = total - embed - routed + routed * cfg.experts_per_token // cfg.num_experts
     return {"total": total, "active": active, "mtp": mtp}

@@ -21,6 +21,7 @@ forced to 1.0, compressed layers only), so the release `config.json` needs no ex
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -136,6 +137,11 @@ def hf_model(folder: str | Path, dtype: str = "float32") -> torch.nn.Module:
         return _CACHE[key]
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
+    if dtype == "float32":  # loading dominates (HF unpacks FP4 slowly): reuse the bf16 load
+        model = copy.deepcopy(hf_model(folder, "bfloat16")).float()  # exact: bf16 -> fp32
+        _check_weights(model, Path(key[0]))
+        _CACHE[key] = model
+        return model
     qcfg = transformers.FineGrainedFP8Config(dequantize=True)  # never FP8 kernels, even on GPU
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         key[0], quantization_config=qcfg, output_loading_info=True, device_map="cpu")
@@ -144,8 +150,6 @@ def hf_model(folder: str | Path, dtype: str = "float32") -> torch.nn.Module:
         raise AssertionError(f"{folder}: HF loading reported {problems}")
     if type(model).__name__ != "DeepseekV4ForCausalLM":
         raise AssertionError(f"{folder}: loaded {type(model).__name__}")
-    if dtype == "float32":
-        model = model.float()  # exact: bf16 -> fp32
     model.eval()
     _check_weights(model, Path(key[0]))
     _CACHE[key] = model

@@ -1,19 +1,13 @@
 """Random checkpoints in the exact on-disk layout of the official DeepSeek-V4 release.
 
-`release_tensor_specs` lists every tensor of the release for a config (`v4-architecture.md`
-section 7.2: names without a `model.` prefix, dtypes, shapes, `mtp.0.*` included). The numpy
-quantisers produce the release's weight encodings (section 7.1):
-
-* FP8: `.weight` e4m3 [out, in] + `.scale` E8M0 [ceil(out/128), ceil(in/128)], one power-of-two
-  scale 2^ceil(log2(amax/448)) per 128x128 block, round-to-nearest-even;
-* FP4 (routed experts): `.weight` int8 [out, in/2] holding two e2m1 codes per byte (low nibble =
-  even element, bit 3 = sign) + `.scale` E8M0 [out, in/32], one scale 2^ceil(log2(amax/6)) per
-  32 inputs, round-to-nearest-even on {0, .5, 1, 1.5, 2, 3, 4, 6} (ties to the even code).
-
-`random_release_tensors` / `write_release_checkpoint` follow the recipe of the `v4-tiny-flash`
-fixture README. Every tensor has its own generator seeded by (seed, crc32(name)), so a tensor
-does not depend on which others are generated and a writer can stream them one at a time.
-Never call the generators for full-size configs in tests (Flash is ~150 GB).
+`release_tensor_specs`: every release tensor for a config (`v4-architecture.md` 7.2; no `model.`
+prefix, `mtp.0.*` included) -> (safetensors dtype, shape). Numpy quantisers for the encodings of
+7.1: FP8 e4m3 [out, in] + E8M0 [ceil(out/128), ceil(in/128)] (scale 2^ceil(log2(amax/448)) per
+128x128 block) and packed FP4 int8 [out, in/2] (low nibble = even element, bit 3 = sign) + E8M0
+[out, in/32] (scale 2^ceil(log2(amax/6)) per 32 inputs), both round-to-nearest-even.
+`random_release_tensors` / `write_release_checkpoint` follow the `v4-tiny-flash` README recipe;
+each tensor has its own generator seeded by (seed, crc32(name)), so writers can stream. Never
+call the generators for full-size configs in tests (Flash is ~150 GB).
 """
 
 from __future__ import annotations
@@ -45,6 +39,7 @@ FP4_TABLE[8] = 0.0  # code 8 is -0; read as +0 as convert.py does
 _FP4_MIDS = (FP4_GRID[1:] + FP4_GRID[:-1]) / 2
 
 # ----------------------------------------------------------------------------- quantisers
+
 def _pow2_exponent(amax: np.ndarray, qmax: float) -> np.ndarray:
     """Exact ceil(log2(amax / qmax)) clamped to the E8M0 range (zero amax -> smallest scale)."""
     a = np.asarray(amax, np.float64)
@@ -98,15 +93,14 @@ def _e2m1_codes(q: np.ndarray) -> np.ndarray:
 def quantize_fp4_rows(w: np.ndarray, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """float [out, in] -> (int8 packed [out, in/2], E8M0 [out, in/32]), per-32-input scale."""
     w = np.asarray(w, np.float32)
-    o, i = w.shape
-    if i % block or i % 2:
+    if (i := w.shape[1]) % block or i % 2:
         raise ValueError(f"FP4 rows need in % {block} == 0, got shape {w.shape}")
+    o = w.shape[0]
     blocks = w.reshape(o, i // block, block).astype(np.float64)
     exp = _pow2_exponent(np.abs(blocks).max(-1), FP4_MAX)
     q = np.clip(np.ldexp(blocks, -exp[..., None]), -FP4_MAX, FP4_MAX).reshape(o, i)
     codes = _e2m1_codes(q)
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return packed.view(np.int8), _e8m0(exp)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.int8), _e8m0(exp)
 
 
 def dequantize_fp4(packed: np.ndarray, scale: np.ndarray, block: int = FP4_BLOCK) -> np.ndarray:
@@ -117,6 +111,7 @@ def dequantize_fp4(packed: np.ndarray, scale: np.ndarray, block: int = FP4_BLOCK
 
 
 # ----------------------------------------------------------------------------- tensor inventory
+
 def _fp8(specs: dict[str, Spec], name: str, out: int, inp: int, fp4: bool = False) -> None:
     """A quantised linear: FP8 128x128 blocks, or packed FP4 with per-32 scales."""
     specs[f"{name}.weight"] = ("I8", (out, inp // 2)) if fp4 else ("F8_E4M3", (out, inp))
@@ -125,11 +120,10 @@ def _fp8(specs: dict[str, Spec], name: str, out: int, inp: int, fp4: bool = Fals
 
 
 def _compressor(specs: dict[str, Spec], p: str, cfg: ModelConfig, ratio: int, hd: int) -> None:
-    coff = 2 if ratio == 4 else 1
-    specs[f"{p}.wkv.weight"] = ("BF16", (coff * hd, cfg.dim))
-    specs[f"{p}.wgate.weight"] = ("BF16", (coff * hd, cfg.dim))
-    specs[f"{p}.ape"] = ("F32", (ratio, coff * hd))
-    specs[f"{p}.norm.weight"] = ("BF16", (hd,))
+    coff = 2 if ratio == 4 else 1  # r = 4 pools overlapping blocks: two series per token
+    for w in ("wkv", "wgate"):
+        specs[f"{p}.{w}.weight"] = ("BF16", (coff * hd, cfg.dim))
+    specs[f"{p}.ape"], specs[f"{p}.norm.weight"] = ("F32", (ratio, coff * hd)), ("BF16", (hd,))
 
 
 def _block(specs: dict[str, Spec], cfg: ModelConfig, p: str, ratio: int, hashed: bool) -> None:
@@ -150,9 +144,8 @@ def _block(specs: dict[str, Spec], cfg: ModelConfig, p: str, ratio: int, hashed:
         _fp8(specs, f"{a}.indexer.wq_b", cfg.index_heads * cfg.index_head_dim, cfg.q_lora_rank)
         specs[f"{a}.indexer.weights_proj.weight"] = ("BF16", (cfg.index_heads, d))
         _compressor(specs, f"{a}.indexer.compressor", cfg, 4, cfg.index_head_dim)
-    specs[f"{p}.attn_norm.weight"] = ("BF16", (d,))
-    specs[f"{p}.ffn_norm.weight"] = ("BF16", (d,))
     for site in ("attn", "ffn"):
+        specs[f"{p}.{site}_norm.weight"] = ("BF16", (d,))
         _hc(specs, cfg, f"{p}.hc_{site}", cfg.mix_hc, 3)
     f = f"{p}.ffn"
     specs[f"{f}.gate.weight"] = ("BF16", (cfg.num_experts, d))
@@ -174,11 +167,8 @@ def _hc(specs: dict[str, Spec], cfg: ModelConfig, p: str, rows: int, nscale: int
 
 
 def release_tensor_specs(cfg: ModelConfig) -> dict[str, Spec]:
-    """Every tensor name of the release for `cfg` -> (safetensors dtype, shape), in file order.
-
-    Order: `embed`, `layers.0..n-1`, `norm`, `head`, `hc_head_*`, then `mtp.0.*`; within a
-    quantised linear the `.weight` comes right before its `.scale`.
-    """
+    """Every release tensor for `cfg` -> (safetensors dtype, shape). Order: `embed`, `layers.*`,
+    `norm`, `head`, `hc_head_*`, `mtp.0.*`; a quantised `.weight` precedes its `.scale`."""
     specs: dict[str, Spec] = {"embed.weight": ("BF16", (cfg.vocab_size, cfg.dim))}
     for i in range(cfg.num_layers):
         _block(specs, cfg, f"layers.{i}", cfg.layer_ratios[i], i < cfg.num_hash_layers)
@@ -197,12 +187,9 @@ def release_tensor_specs(cfg: ModelConfig) -> dict[str, Spec]:
 
 
 # ----------------------------------------------------------------------------- random weights
+
 CLAMP_ROW_NORM = 40.0  # expert unit 0 up row / unit 1 gate row: |pre-activation| often > 10
 CLAMP_DOWN_STD = 0.001  # their down-projection columns are kept small
-
-
-def _rng(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
 def _linear_f32(base: str, out: int, inp: int, rng: np.random.Generator, fp4: bool) -> np.ndarray:
@@ -256,7 +243,7 @@ def iter_random_release_tensors(cfg: ModelConfig, seed: int) -> Iterator[tuple[s
     for name, (dtype, shape) in specs.items():
         if name.endswith(".scale"):
             continue  # emitted with its weight
-        rng = _rng(seed, name)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         if dtype in ("F8_E4M3", "I8"):
             base = name.removesuffix(".weight")
             fp4 = dtype == "I8"
@@ -289,8 +276,7 @@ def write_release_checkpoint(cfg: ModelConfig, folder: str | os.PathLike[str], s
     """
     if not 1 <= shards <= cfg.num_layers:
         raise ValueError(f"shards={shards}: must be in [1, num_layers={cfg.num_layers}]")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder := Path(folder)).mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     files = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
     weight_map: dict[str, str] = {}
@@ -303,10 +289,8 @@ def write_release_checkpoint(cfg: ModelConfig, folder: str | os.PathLike[str], s
             current, pending = current + 1, {}
 
     for name, arr in iter_random_release_tensors(cfg, seed):
-        k = shard_of(name, cfg, shards)
-        flush_until(k)
-        pending[name] = arr
-        weight_map[name] = files[k]
+        flush_until(k := shard_of(name, cfg, shards))
+        pending[name], weight_map[name] = arr, files[k]
         total += arr.nbytes
     flush_until(shards)
     write_index(folder, weight_map, total)

@@ -58,12 +58,12 @@ class Attention(nnx.Module):
     def output(self, q, pool, idx, pos) -> jnp.ndarray:
         """Sparse attention over pool[idx], de-rotation, grouped low-rank projection -> [B,S,D]."""
         c = self.cfg
-        o = sparse_attention(q, pool, idx, self.attn_sink.value, scale=c.head_dim**-0.5,
+        o = sparse_attention(q, pool, idx, self.attn_sink[...], scale=c.head_dim**-0.5,
                              implementation=self._impl())
         o = rope(o, pos, self._freqs(), inverse=True)
         b, s = o.shape[:2]
         o = o.reshape(b, s, c.o_groups, -1).astype(F32)  # [B, S, G, H*K/G]
-        wa = dequant("fp8", self.wo_a.weight.value, self.wo_a.scale)
+        wa = dequant("fp8", self.wo_a.weight[...], self.wo_a.scale)
         wa = wa.astype(jnp.bfloat16).astype(F32).reshape(c.o_groups, c.o_lora_rank, -1)
         z = jnp.einsum("bsgi,gri->bsgr", o, wa, precision=HI).astype(self.prec.dtype)
         return self.wo_b(z.reshape(b, s, -1))

@@ -57,7 +57,7 @@ class Compressor(nnx.Module):
         kv, score = self.project(u)
         w = kv.shape[-1]
         kv = kv[:, : c * self.ratio].reshape(b, c, self.ratio, w)
-        score = score[:, : c * self.ratio].reshape(b, c, self.ratio, w) + self.ape.value
+        score = score[:, : c * self.ratio].reshape(b, c, self.ratio, w) + self.ape[...]
         pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32) * self.ratio, (b, c))
         return self.finish(self.pool_blocks(kv, score), pos)
 

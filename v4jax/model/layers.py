@@ -43,7 +43,7 @@ class RMSNorm(nnx.Module):
         self.eps, self.prec = eps, prec
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return rms_norm(x, self.weight.value, self.eps).astype(self.prec.dtype)
+        return rms_norm(x, self.weight[...], self.eps).astype(self.prec.dtype)
 
 
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray | None, eps: float) -> jnp.ndarray:
@@ -124,7 +124,7 @@ class Linear(nnx.Module):
 
     def dequantized(self) -> jnp.ndarray:
         """The exact float32 weight [O, I]."""
-        return dequant(self.fmt, self.weight.value, getattr(self, "scale", None))
+        return dequant(self.fmt, self.weight[...], getattr(self, "scale", None))
 
     def __call__(self, x: jnp.ndarray, *, out_dtype=None) -> jnp.ndarray:
         x = x.astype(F32)
@@ -134,7 +134,7 @@ class Linear(nnx.Module):
 
 
 def dequant(fmt: str, w: jnp.ndarray, scale: nnx.Param | jnp.ndarray | None) -> jnp.ndarray:
-    s = scale.value if isinstance(scale, nnx.Param) else scale
+    s = scale[...] if isinstance(scale, nnx.Param) else scale
     if fmt == "fp8":
         return dequant_fp8_blocks(w, s)
     if fmt == "fp4":

@@ -53,9 +53,9 @@ class HyperConnection(nnx.Module):
     def pre(self, x: jnp.ndarray):
         """x [B, S, N, D] -> sub-block input [B, S, D], post [B, S, N], comb [B, S, N, N]."""
         c = self.cfg
-        m = _mixes(x, self.fn.value, c.norm_eps)
+        m = _mixes(x, self.fn[...], c.norm_eps)
         pre, post, comb = sinkhorn_split(
-            m, self.scale.value, self.base.value, c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps
+            m, self.scale[...], self.base[...], c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps
         )
         y = jnp.sum(pre[..., None] * x.astype(F32), axis=-2)
         return y.astype(self.prec.dtype), post, comb
@@ -78,6 +78,6 @@ class HyperHead(nnx.Module):
         self.cfg, self.prec = cfg, prec
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:  # [B, S, N, D] -> [B, S, D]
-        m = _mixes(x, self.fn.value, self.cfg.norm_eps)
-        pre = jax.nn.sigmoid(m * self.scale.value + self.base.value) + F32(self.cfg.hc_eps)
+        m = _mixes(x, self.fn[...], self.cfg.norm_eps)
+        pre = jax.nn.sigmoid(m * self.scale[...] + self.base[...]) + F32(self.cfg.hc_eps)
         return jnp.sum(pre[..., None] * x.astype(F32), axis=-2).astype(self.prec.dtype)

@@ -39,12 +39,12 @@ class Router(nnx.Module):
 
     def __call__(self, x: jnp.ndarray, ids: jnp.ndarray):
         """x [T, D], ids [T] -> weights [T, k] float32, expert ids [T, k] int32."""
-        logits = mm(x, self.weight.value)
+        logits = mm(x, self.weight[...])
         scores = jnp.sqrt(jnp.where(logits > 20, logits, jnp.log1p(jnp.exp(logits))))
         if self.hash_routed:
-            top = self.tid2eid.value[ids]
+            top = self.tid2eid[...][ids]
         else:
-            _, top = jax.lax.top_k(scores + self.bias.value, self.k)
+            _, top = jax.lax.top_k(scores + self.bias[...], self.k)
         w = jnp.take_along_axis(scores, top, axis=-1)
         w = w / jnp.sum(w, axis=-1, keepdims=True)
         return w * F32(self.route_scale), top.astype(jnp.int32)
@@ -71,8 +71,8 @@ class RoutedExperts(nnx.Module):
         """x [T, D] (act dtype), combine [E, T] routing weights -> sum_e out_e [T, D] float32."""
         xq = x.astype(F32)
         xq = fp8_quant_dequant(xq, 128) if self.prec.simulate_quant else xq
-        ws = (self.w1.value, self.w1_scale.value, self.w2.value, self.w2_scale.value,
-              self.w3.value, self.w3_scale.value)
+        ws = (self.w1[...], self.w1_scale[...], self.w2[...], self.w2_scale[...],
+              self.w3[...], self.w3_scale[...])
 
         def expert(acc, inputs):
             w1, s1, w2, s2, w3, s3, cw = inputs

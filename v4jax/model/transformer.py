@@ -50,7 +50,7 @@ class Head(nnx.Module):
         self.weight = param((cfg.vocab_size, cfg.dim), jnp.bfloat16, ("vocab", "embed"))
 
     def __call__(self, y: jnp.ndarray) -> jnp.ndarray:  # [B, S, D] normed -> [B, S, V] f32
-        return mm(y.astype(F32), self.weight.value)
+        return mm(y.astype(F32), self.weight[...])
 
 
 class MTPBlock(nnx.Module):
@@ -86,7 +86,7 @@ class Transformer(nnx.Module):
         self.mtp = MTPBlock(cfg, prec, kernels) if cfg.num_mtp_layers else None
 
     def embed_tokens(self, ids: jnp.ndarray) -> jnp.ndarray:
-        return self.embed.value[ids].astype(self.prec.dtype)
+        return self.embed[...][ids].astype(self.prec.dtype)
 
     def streams(self, ids: jnp.ndarray) -> jnp.ndarray:
         """Final residual streams [B, S, N, D] (before hc_head) of tokens at 0 .. S-1."""
