@@ -240,3 +240,10 @@ def test_write_release_checkpoint_layout(tmp_path: Path, shards: int) -> None:
 def test_write_release_checkpoint_rejects_bad_shards(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shards"):
         write_release_checkpoint(tiny(), tmp_path, seed=0, shards=5)
+
+
+def test_write_release_checkpoint_matches_fixture_layout(tmp_path: Path) -> None:
+    folder = write_release_checkpoint(tiny(), tmp_path, seed=0)
+    ours = json.loads((folder / "model.safetensors.index.json").read_text())
+    theirs = json.loads((FIXTURE / "model.safetensors.index.json").read_text())
+    assert ours == theirs  # same weight_map (shard of every tensor) and total_size

@@ -61,13 +61,16 @@ _TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.wei
 
 
 def hf_name(release_name: str) -> str | None:
-    """HF parameter/buffer name of a release tensor; None for `mtp.*` (HF has no MTP block).
+    """HF parameter/buffer name of a release tensor; None for `mtp.*` (HF has no MTP block)
+    and for `.scale` tensors (dequantised into their weights while loading).
 
     Routed experts map to the fused `mlp.experts.gate_up_proj` [E, 2I, d] (rows [:I] = w1,
     [I:] = w3) / `mlp.experts.down_proj` [E, d, I]; use `hf_tensor` to get the slice.
     """
     if release_name in _TOP:
         return _TOP[release_name]
+    if release_name.endswith(".scale"):
+        return None
     m = re.match(r"^layers\.(\d+)\.(.+)$", release_name)
     if m is None:
         return None
