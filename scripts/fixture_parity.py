@@ -49,8 +49,13 @@ def main() -> None:
 def _row(mode: str, name: str, got: np.ndarray, want: np.ndarray) -> dict:
     d = np.abs(got - want)
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
-    row = {"mode": mode, "prompt": name, "max_abs": float(d.max()), "mean_abs": float(d.mean()),
-           "top1": top1}
+    row = {
+        "mode": mode,
+        "prompt": name,
+        "max_abs": float(d.max()),
+        "mean_abs": float(d.mean()),
+        "top1": top1,
+    }
     print(f"{mode:10} {name:14} {d.max():9.3g} {d.mean():9.3g} {top1:6.2f}")
     return row
 

@@ -16,7 +16,8 @@ def test_flash_preset_matches_release_values():
 
 def test_pro_preset_matches_release_values():
     c = v4jax.config.pro()
-    assert (c.dim, c.num_layers, c.num_heads, c.q_lora_rank, c.o_groups) == (7168, 61, 128, 1536, 16)
+    shape = (c.dim, c.num_layers, c.num_heads, c.q_lora_rank, c.o_groups)
+    assert shape == (7168, 61, 128, 1536, 16)
     assert (c.num_experts, c.moe_inter_dim, c.route_scale, c.index_topk) == (384, 3072, 2.5, 1024)
     assert len(c.compress_ratios) == 62
     assert c.layer_ratios.count(4) == 30 and c.layer_ratios.count(128) == 31
@@ -56,9 +57,11 @@ def test_bad_config_names_the_field(change, field):
 
 def test_bad_json_files(tmp_path, fixture_dir):
     d = json.loads((fixture_dir / "config.json").read_text())
-    for key, value, field in [("model_type", "llama", "model_type"),
-                              ("num_key_value_heads", 8, "num_key_value_heads"),
-                              ("rope_scaling", {"type": "linear", "factor": 2}, "rope_scaling")]:
+    for key, value, field in [
+        ("model_type", "llama", "model_type"),
+        ("num_key_value_heads", 8, "num_key_value_heads"),
+        ("rope_scaling", {"type": "linear", "factor": 2}, "rope_scaling"),
+    ]:
         bad = dict(d, **{key: value})
         with pytest.raises(ConfigError, match=field):
             from_dict(bad)

@@ -20,16 +20,18 @@ except ImportError:  # plain `pytest`: tests/ itself is on sys.path
 
 pytestmark = pytest.mark.oracle
 
-FIXTURE = Path("/work/shared/fixtures/v4-tiny-flash")
+FIXTURE = Path(__file__).parent / "data" / "v4-tiny-flash"
 
 VARIANTS: dict[str, ModelConfig] = {
     "tiny": tiny(),
     # CSA first, two HCA layers, one hash layer, indexer keeps only 2 entries
-    "csa_first_topk2": tiny(compress_ratios=(4, 128, 0, 4, 128, 0), num_hash_layers=1,
-                            index_topk=2),
+    "csa_first_topk2": tiny(
+        compress_ratios=(4, 128, 0, 4, 128, 0), num_hash_layers=1, index_topk=2
+    ),
     # Pro-like HCA bootstrap, FP8 routed experts (no expert_dtype fp4), no hash routing
-    "hca_fp8_experts": tiny(compress_ratios=(128, 128, 4, 0), num_hash_layers=0,
-                            expert_dtype="fp8"),
+    "hca_fp8_experts": tiny(
+        compress_ratios=(128, 128, 4, 0), num_hash_layers=0, expert_dtype="fp8"
+    ),
 }
 
 
@@ -42,8 +44,9 @@ def _tokens(cfg: ModelConfig, batch: int, length: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf_oracle")
-    return {name: write_release_checkpoint(cfg, root / name, seed=0)
-            for name, cfg in VARIANTS.items()}
+    return {
+        name: write_release_checkpoint(cfg, root / name, seed=0) for name, cfg in VARIANTS.items()
+    }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -51,10 +54,16 @@ def test_random_checkpoint_loads_and_runs(folders: dict[str, Path], variant: str
     cfg, folder = VARIANTS[variant], folders[variant]
     model = hf.hf_model(folder)  # raises on missing / unexpected / mismatched / differing weights
     assert model.config.layer_types == [
-        {0: "sliding_attention", 4: "compressed_sparse_attention",
-         128: "heavily_compressed_attention"}[r] for r in cfg.layer_ratios]
+        {
+            0: "sliding_attention",
+            4: "compressed_sparse_attention",
+            128: "heavily_compressed_attention",
+        }[r]
+        for r in cfg.layer_ratios
+    ]
     assert model.config.mlp_layer_types == (
-        ["hash_moe"] * cfg.num_hash_layers + ["moe"] * (cfg.num_layers - cfg.num_hash_layers))
+        ["hash_moe"] * cfg.num_hash_layers + ["moe"] * (cfg.num_layers - cfg.num_hash_layers)
+    )
     tokens = _tokens(cfg, 2, 140, seed=1)  # > 128: every layer type has compressed entries
     logits = hf.hf_logits(folder, tokens)
     assert logits.shape == (2, 140, cfg.vocab_size) and logits.dtype == np.float32
@@ -71,16 +80,21 @@ def test_random_checkpoint_loads_and_runs(folders: dict[str, Path], variant: str
 
 def test_capture_submodules(folders: dict[str, Path]) -> None:
     model = hf.hf_model(folders["tiny"])
-    names = ["model.layers.0.attn_hc", "model.layers.1.self_attn.compressor.indexer",
-             "model.layers.2.mlp"]
+    names = [
+        "model.layers.0.attn_hc",
+        "model.layers.1.self_attn.compressor.indexer",
+        "model.layers.2.mlp",
+    ]
     cap = hf.hf_capture(model, _tokens(tiny(), 1, 24, seed=2), names)
     post, comb, collapsed = cap["model.layers.0.attn_hc"][2]
     assert post.shape == (1, 24, 4) and comb.shape == (1, 24, 4, 4)
     assert collapsed.shape == (1, 24, 256)
     topk = cap["model.layers.1.self_attn.compressor.indexer"][2]
     assert topk.shape == (1, 24, 6)  # min(index_topk, 24 // 4) picks, -1 where not complete
-    assert hf.hf_name("layers.1.attn.indexer.compressor.ape") == \
-        "model.layers.1.self_attn.compressor.indexer.position_bias"
+    assert (
+        hf.hf_name("layers.1.attn.indexer.compressor.ape")
+        == "model.layers.1.self_attn.compressor.indexer.position_bias"
+    )
     assert hf.hf_name("mtp.0.e_proj.weight") is None
 
 

@@ -24,8 +24,11 @@ def _write(folder, tensors, cfg=CFG):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(v4jax.config.to_dict(cfg)))
     write_safetensors(folder / "model-00001-of-00001.safetensors", tensors)
-    write_index(folder, {n: "model-00001-of-00001.safetensors" for n in tensors},
-                sum(a.nbytes for a in tensors.values()))
+    write_index(
+        folder,
+        {n: "model-00001-of-00001.safetensors" for n in tensors},
+        sum(a.nbytes for a in tensors.values()),
+    )
     return folder
 
 
@@ -50,16 +53,18 @@ def test_unexpected_tensor(tmp_path, tensors):
 def test_wrong_shape(tmp_path, tensors):
     t = dict(tensors)
     t["layers.0.attn.kv_norm.weight"] = np.ones(64, ml_dtypes.bfloat16)
-    with pytest.raises(v4jax.CheckpointError,
-                       match=r"kv_norm\.weight: expected BF16 \[128\], found BF16 \[64\]"):
+    with pytest.raises(
+        v4jax.CheckpointError, match=r"kv_norm\.weight: expected BF16 \[128\], found BF16 \[64\]"
+    ):
         v4jax.load(_write(tmp_path / "s", t), progress=False)
 
 
 def test_wrong_dtype(tmp_path, tensors):
     t = dict(tensors)
     t["layers.0.attn.wq_a.weight"] = t["layers.0.attn.wq_a.weight"].astype(np.float32)
-    with pytest.raises(v4jax.CheckpointError,
-                       match=r"wq_a\.weight: expected F8_E4M3 \[128, 256\], found F32"):
+    with pytest.raises(
+        v4jax.CheckpointError, match=r"wq_a\.weight: expected F8_E4M3 \[128, 256\], found F32"
+    ):
         v4jax.load(_write(tmp_path / "d", t), progress=False)
 
 

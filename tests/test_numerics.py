@@ -21,7 +21,7 @@ def test_fp8_quant_dequant_against_ml_dtypes():
     xb = x.reshape(7, 2, 128)
     amax = np.maximum(np.abs(xb).max(-1, keepdims=True), 1e-4)
     s = 2.0 ** np.ceil(np.log2(amax / 448.0))
-    want = (np.clip(xb / s, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * s)
+    want = np.clip(xb / s, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * s
     np.testing.assert_array_equal(got, want.reshape(7, 256).astype(np.float32))
 
 

@@ -25,8 +25,24 @@ from v4jax.checkpoint.safetensors import (
 
 FIXTURE = Path("/work/shared/fixtures/v4-tiny-flash")
 SHARD1 = "model-00001-of-00002.safetensors"
-ALL_DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
-              "F8_E4M3", "F8_E5M2", "F8_E8M0", "U16", "U32", "U64"]
+ALL_DTYPES = [
+    "F64",
+    "F32",
+    "F16",
+    "BF16",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "BOOL",
+    "F8_E4M3",
+    "F8_E5M2",
+    "F8_E8M0",
+    "U16",
+    "U32",
+    "U64",
+]
 SHAPES = [(3, 5), (), (0, 4), (7,), (2, 3, 4)]
 
 
@@ -134,8 +150,12 @@ def test_writer_handles_noncontiguous_and_big_endian(tmp_path):
 def test_reads_files_written_by_safetensors_numpy(tmp_path):
     from safetensors.numpy import save_file
 
-    ours = {k: v for k, v in _random_tensors(1).items() if v.dtype.kind in "fiub" and
-            dtype_name(v.dtype) not in ("BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0")}
+    ours = {
+        k: v
+        for k, v in _random_tensors(1).items()
+        if v.dtype.kind in "fiub"
+        and dtype_name(v.dtype) not in ("BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0")
+    }
     save_file(ours, tmp_path / "x.safetensors", metadata={"format": "np"})
     with SafetensorsFile(tmp_path / "x.safetensors") as f:
         assert f.metadata == {"format": "np"} and sorted(f.keys()) == sorted(ours)
@@ -207,12 +227,20 @@ def _fixture_spec(name: str, cfg: dict) -> tuple[str, tuple[int, ...]]:
     coff = 2 if ratio == 4 else 1  # overlapping compression windows when ratio == 4
     q, g, olr = cfg["q_lora_rank"], cfg["o_groups"], cfg["o_lora_rank"]
     fp8 = {  # [out, in] of the quantised linears
-        "attn.wq_a": (q, d), "attn.wq_b": (h * hd, q), "attn.wkv": (hd, d),
-        "attn.wo_a": (g * olr, h * hd // g), "attn.wo_b": (d, g * olr),
-        "attn.indexer.wq_b": (cfg["index_n_heads"] * ihd, q), "e_proj": (d, d), "h_proj": (d, d),
-        "shared_experts.w1": (inter, d), "shared_experts.w2": (d, inter),
-        "shared_experts.w3": (inter, d), "experts.E.w1": (inter, d),
-        "experts.E.w2": (d, inter), "experts.E.w3": (inter, d),
+        "attn.wq_a": (q, d),
+        "attn.wq_b": (h * hd, q),
+        "attn.wkv": (hd, d),
+        "attn.wo_a": (g * olr, h * hd // g),
+        "attn.wo_b": (d, g * olr),
+        "attn.indexer.wq_b": (cfg["index_n_heads"] * ihd, q),
+        "e_proj": (d, d),
+        "h_proj": (d, d),
+        "shared_experts.w1": (inter, d),
+        "shared_experts.w2": (d, inter),
+        "shared_experts.w3": (inter, d),
+        "experts.E.w1": (inter, d),
+        "experts.E.w2": (d, inter),
+        "experts.E.w3": (inter, d),
     }
     key = re.sub(r"experts\.\d+", "experts.E", name)
     key = re.sub(r"^(layers\.\d+|mtp\.\d+)\.(ffn\.)?", "", key)
@@ -221,8 +249,11 @@ def _fixture_spec(name: str, cfg: dict) -> tuple[str, tuple[int, ...]]:
         out, inn = fp8[base]
         if base.startswith("experts"):  # FP4: 2 codes per I8 byte, one scale per 32 inputs
             return ("I8", (out, inn // 2)) if leaf == "weight" else ("F8_E8M0", (out, inn // 32))
-        return ("F8_E4M3", (out, inn)) if leaf == "weight" else (
-            "F8_E8M0", (-(-out // 128), -(-inn // 128)))
+        return (
+            ("F8_E4M3", (out, inn))
+            if leaf == "weight"
+            else ("F8_E8M0", (-(-out // 128), -(-inn // 128)))
+        )
     table = {
         "embed.weight": ("BF16", (cfg["vocab_size"], d)),
         "head.weight": ("BF16", (cfg["vocab_size"], d)),
@@ -248,7 +279,8 @@ def _fixture_spec(name: str, cfg: dict) -> tuple[str, tuple[int, ...]]:
         return "BF16", (d,)
     mix = {"attn": (2 + hc) * hc, "ffn": (2 + hc) * hc, "head": hc}[key.split("_")[1]]
     return "F32", {"fn": (mix, hc * d), "base": (mix,), "scale": (3 if mix > hc else 1,)}[
-        key.rpartition("_")[2]]
+        key.rpartition("_")[2]
+    ]
 
 
 def test_fixture_opens_with_release_dtypes_and_shapes():
@@ -291,8 +323,11 @@ def test_written_shards_and_single_file_folders(tmp_path):
     shards = {"a.safetensors": names[:7], "b.safetensors": names[7:]}
     for shard, keys in shards.items():
         write_safetensors(tmp_path / shard, {k: tensors[k] for k in keys})
-    write_index(tmp_path, {k: s for s, ks in shards.items() for k in ks},
-                sum(v.nbytes for v in tensors.values()))
+    write_index(
+        tmp_path,
+        {k: s for s, ks in shards.items() for k in ks},
+        sum(v.nbytes for v in tensors.values()),
+    )
     single = tmp_path / "single"
     single.mkdir()
     write_safetensors(single / "model.safetensors", tensors, metadata={"format": "np"})
@@ -321,11 +356,13 @@ def test_truncated_shard(tmp_path):
 
 @pytest.mark.parametrize(
     ("header", "n", "match"),
-    [(b"{not json", None, "corrupted header: invalid JSON"),
-     (b"[1, 2]", None, "corrupted header: JSON is not an object"),
-     (b"{}", 4096, "header length 4096 exceeds the file size"),
-     ({"a": {"dtype": "F32", "shape": [1]}}, None, "tensor 'a': entry needs"),
-     ({"__metadata__": {"a": 1}}, None, "__metadata__ must map strings")],
+    [
+        (b"{not json", None, "corrupted header: invalid JSON"),
+        (b"[1, 2]", None, "corrupted header: JSON is not an object"),
+        (b"{}", 4096, "header length 4096 exceeds the file size"),
+        ({"a": {"dtype": "F32", "shape": [1]}}, None, "tensor 'a': entry needs"),
+        ({"__metadata__": {"a": 1}}, None, "__metadata__ must map strings"),
+    ],
 )
 def test_corrupted_header(tmp_path, header, n, match):
     path = _write_raw(tmp_path / "bad.safetensors", header, n=n)
@@ -335,16 +372,20 @@ def test_corrupted_header(tmp_path, header, n, match):
 
 
 def test_unknown_dtype(tmp_path):
-    path = _write_raw(tmp_path / "x", {"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}},
-                      b"\0")
+    path = _write_raw(
+        tmp_path / "x", {"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\0"
+    )
     _raises(r"x: tensor 'w': unknown dtype 'F4'", SafetensorsFile, path)
 
 
 def test_offsets_inconsistent_with_shape(tmp_path):
     header = {"w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 8]}}
     path = _write_raw(tmp_path / "x", header, bytes(16))
-    _raises(r"x: tensor 'w': data_offsets \[0, 8\] inconsistent with BF16 \[2, 3\] \(12 bytes\)",
-            SafetensorsFile, path)
+    _raises(
+        r"x: tensor 'w': data_offsets \[0, 8\] inconsistent with BF16 \[2, 3\] \(12 bytes\)",
+        SafetensorsFile,
+        path,
+    )
     header["w"]["data_offsets"] = [4, 0]
     _raises("inconsistent", SafetensorsFile, _write_raw(tmp_path / "x", header, bytes(16)))
 
@@ -352,8 +393,11 @@ def test_offsets_inconsistent_with_shape(tmp_path):
 def test_index_points_to_missing_shard(tmp_path):
     folder = _copy_fixture(tmp_path / "ckpt")
     (folder / SHARD1).unlink()
-    _raises(rf"shard '{SHARD1}' \(holding tensor 'embed.weight'\) does not exist",
-            ShardedCheckpoint, folder)
+    _raises(
+        rf"shard '{SHARD1}' \(holding tensor 'embed.weight'\) does not exist",
+        ShardedCheckpoint,
+        folder,
+    )
 
 
 def test_tensor_in_index_missing_from_shard(tmp_path):
@@ -361,8 +405,11 @@ def test_tensor_in_index_missing_from_shard(tmp_path):
     index = json.loads((folder / INDEX_FILE).read_text())
     index["weight_map"]["layers.0.attn.ghost"] = SHARD1
     (folder / INDEX_FILE).write_text(json.dumps(index))
-    msg = _raises("'layers.0.attn.ghost' is listed in the index but missing from this shard",
-                  ShardedCheckpoint(folder).get, "embed.weight")
+    msg = _raises(
+        "'layers.0.attn.ghost' is listed in the index but missing from this shard",
+        ShardedCheckpoint(folder).get,
+        "embed.weight",
+    )
     assert SHARD1 in msg
 
 
@@ -371,8 +418,10 @@ def test_tensor_in_shard_missing_from_index(tmp_path):
     index = json.loads((folder / INDEX_FILE).read_text())
     del index["weight_map"]["layers.0.attn.wq_a.scale"]
     (folder / INDEX_FILE).write_text(json.dumps(index))
-    msg = _raises("'layers.0.attn.wq_a.scale' is in this shard but not in the index",
-                  ShardedCheckpoint(folder).validate)
+    msg = _raises(
+        "'layers.0.attn.wq_a.scale' is in this shard but not in the index",
+        ShardedCheckpoint(folder).validate,
+    )
     assert SHARD1 in msg
 
 

@@ -124,9 +124,10 @@ def test_fp8_scale_rule_and_rne() -> None:
 
 def test_fp4_roundtrip_exact_on_grid() -> None:
     rng = np.random.default_rng(2)
-    vals = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, 0, -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
-    w = vals[rng.integers(0, 16, (64, 256))] * np.exp2(rng.integers(-20, 4, (64, 256 // 32))
-                                                       ).repeat(32, 1)
+    vals = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+    w = vals[rng.integers(0, 16, (64, 256))] * np.exp2(
+        rng.integers(-20, 4, (64, 256 // 32))
+    ).repeat(32, 1)
     w[3, :32] = 0.0
     packed, s = quantize_fp4_rows(w)
     assert packed.dtype == np.int8 and packed.shape == (64, 128) and s.shape == (64, 8)
@@ -147,8 +148,9 @@ def test_fp4_rne_ties_nibbles_and_sign() -> None:
     packed, s = quantize_fp4_rows(w)
     assert packed.view(np.uint8)[0, :2].tolist() == [0x21, 0x97]  # low nibble = even element
     assert s.view(np.uint8).tolist() == [[127]]
-    minus0 = dequantize_fp4(np.full((1, 16), 0x88, np.uint8).view(np.int8), np.array([[127]],
-                            np.uint8))
+    minus0 = dequantize_fp4(
+        np.full((1, 16), 0x88, np.uint8).view(np.int8), np.array([[127]], np.uint8)
+    )
     assert not np.signbit(minus0).any() and not minus0.any()  # code 8 (-0) reads as +0
     r = np.random.default_rng(3).standard_normal((16, 128)).astype(np.float32)
     packed, s = quantize_fp4_rows(r)
@@ -162,8 +164,9 @@ def test_fp4_rne_ties_nibbles_and_sign() -> None:
 
 def _check_magnitudes(get: Callable[[str], np.ndarray], names: list[str]) -> None:
     """Quantised tensors dequantise to finite values with the README recipe's magnitudes."""
-    for name in (n for n in names if n.endswith(".weight") and n.replace("weight", "scale")
-                 in names):
+    for name in (
+        n for n in names if n.endswith(".weight") and n.replace("weight", "scale") in names
+    ):
         q, s = get(name), get(name.replace(".weight", ".scale"))
         w = dequantize_fp4(q, s) if q.dtype == np.int8 else dequantize_fp8_blocks(q, s)
         assert np.isfinite(w).all(), name
@@ -192,8 +195,16 @@ def test_random_tensors_match_specs_and_recipe() -> None:
     assert list(t) == list(specs)
     for name, (dtype, shape) in specs.items():
         assert (str(t[name].dtype), t[name].shape) == (
-            {"F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu", "I8": "int8", "BF16":
-             "bfloat16", "F32": "float32", "I64": "int64"}[dtype], shape), name
+            {
+                "F8_E4M3": "float8_e4m3fn",
+                "F8_E8M0": "float8_e8m0fnu",
+                "I8": "int8",
+                "BF16": "bfloat16",
+                "F32": "float32",
+                "I64": "int64",
+            }[dtype],
+            shape,
+        ), name
     _check_magnitudes(t.__getitem__, list(t))
     tid = t["layers.1.ffn.gate.tid2eid"]
     assert tid.min() >= 0 and tid.max() < cfg.num_experts

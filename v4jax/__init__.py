@@ -1,9 +1,9 @@
 """v4jax: DeepSeek-V4 (Flash / Pro) in JAX/Flax.
 
-    cfg = v4jax.config.flash()
-    v4jax.count_params(cfg)
-    model = v4jax.load(path, numerics="reference")
-    logits = model.logits(tokens)
+cfg = v4jax.config.flash()
+v4jax.count_params(cfg)
+model = v4jax.load(path, numerics="reference")
+logits = model.logits(tokens)
 """
 
 from v4jax import config

@@ -43,6 +43,17 @@ class Model:
         """The NNX module (merged view of graphdef and state)."""
         return nnx.merge(self.graphdef, self.state)
 
+    def layer(self, index: int):
+        """The NNX `Block` of main-stack layer `index` (a slice of its stacked segment), for
+        inspection and component tests."""
+        from v4jax.checkpoint.names import layer_slots
+
+        if not 0 <= index < self.config.num_layers:
+            raise IndexError(f"layer {index} outside [0, {self.config.num_layers})")
+        seg, rep, pos = layer_slots(self.config)[index]
+        gd, st = nnx.split(self.module.segments[seg])
+        return nnx.merge(gd, jax.tree.map(lambda a: a[rep], st)).blocks[pos]
+
     def logits(self, tokens) -> jax.Array:
         """int32 tokens [B, S] at positions 0..S-1 -> float32 logits [B, S, V]."""
         return _logits(self.graphdef, self.state, self._check_tokens(tokens))
@@ -64,8 +75,9 @@ class Model:
         if not isinstance(t, jax.core.Tracer):
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"{what}: ids must be in [0, {self.config.vocab_size}), "
-                                 f"found [{lo}, {hi}]")
+                raise ValueError(
+                    f"{what}: ids must be in [0, {self.config.vocab_size}), found [{lo}, {hi}]"
+                )
         return t.astype(jnp.int32)
 
 
@@ -101,8 +113,15 @@ def _build(cfg, prec, kernels, source, progress: bool) -> Model:
     return Model(cfg, prec, graphdef, nnx.from_flat_state(flat), kernels)
 
 
-def load(path: str | os.PathLike, *, numerics: str = "reference", dtype=None, mesh=None,
-         kernels: str = "auto", progress: bool = True) -> Model:
+def load(
+    path: str | os.PathLike,
+    *,
+    numerics: str = "reference",
+    dtype=None,
+    mesh=None,
+    kernels: str = "auto",
+    progress: bool = True,
+) -> Model:
     """Loads an official release folder (config.json + safetensors shards)."""
     path = os.fspath(path)
     prec = _precision(numerics, dtype)
@@ -119,8 +138,14 @@ def load(path: str | os.PathLike, *, numerics: str = "reference", dtype=None, me
     return _build(from_json(path), prec, kernels, path, progress)
 
 
-def init(cfg: ModelConfig, *, seed: int = 0, numerics: str = "reference", dtype=None,
-         kernels: str = "auto") -> Model:
+def init(
+    cfg: ModelConfig,
+    *,
+    seed: int = 0,
+    numerics: str = "reference",
+    dtype=None,
+    kernels: str = "auto",
+) -> Model:
     """Random weights in the release layout (FP8 / FP4 + E8M0, as `v4jax.checkpoint.synthetic`)."""
     tensors: Mapping[str, np.ndarray] = random_release_tensors(cfg, seed)
     return _build(cfg, _precision(numerics, dtype), kernels, tensors, False)

@@ -144,23 +144,49 @@ def _validate(c: ModelConfig) -> None:
         if not ok:
             raise ConfigError(f"{field}={getattr(c, field)!r}: {why}")
 
-    for f in ("vocab_size", "dim", "num_layers", "num_heads", "head_dim", "q_lora_rank",
-              "o_groups", "o_lora_rank", "window_size", "num_experts", "experts_per_token",
-              "moe_inter_dim", "index_heads", "index_head_dim", "hc_mult"):
+    for f in (
+        "vocab_size",
+        "dim",
+        "num_layers",
+        "num_heads",
+        "head_dim",
+        "q_lora_rank",
+        "o_groups",
+        "o_lora_rank",
+        "window_size",
+        "num_experts",
+        "experts_per_token",
+        "moe_inter_dim",
+        "index_heads",
+        "index_head_dim",
+        "hc_mult",
+    ):
         need(isinstance(getattr(c, f), int) and getattr(c, f) > 0, f, "must be a positive int")
     need(0 <= c.num_hash_layers <= c.num_layers, "num_hash_layers", "must be in [0, num_layers]")
     need(c.num_mtp_layers in (0, 1), "num_mtp_layers", "only 0 or 1 MTP block is supported")
-    need(len(c.compress_ratios) == c.num_layers + c.num_mtp_layers, "compress_ratios",
-         f"needs num_layers + num_mtp_layers = {c.num_layers + c.num_mtp_layers} entries")
-    need(all(r in (0, 4, 128) for r in c.compress_ratios), "compress_ratios",
-         "entries must be 0 (window), 4 (CSA) or 128 (HCA)")
+    need(
+        len(c.compress_ratios) == c.num_layers + c.num_mtp_layers,
+        "compress_ratios",
+        f"needs num_layers + num_mtp_layers = {c.num_layers + c.num_mtp_layers} entries",
+    )
+    need(
+        all(r in (0, 4, 128) for r in c.compress_ratios),
+        "compress_ratios",
+        "entries must be 0 (window), 4 (CSA) or 128 (HCA)",
+    )
     need(all(r == 0 for r in c.mtp_ratios), "compress_ratios", "MTP entries must be 0")
-    need(c.rope_head_dim % 2 == 0 and c.rope_head_dim <= c.head_dim, "rope_head_dim",
-         "must be even and <= head_dim")
+    need(
+        c.rope_head_dim % 2 == 0 and c.rope_head_dim <= c.head_dim,
+        "rope_head_dim",
+        "must be even and <= head_dim",
+    )
     need(c.rope_head_dim <= c.index_head_dim, "index_head_dim", "must be >= rope_head_dim")
     need(c.head_dim % 64 == 0, "head_dim", "nope dims are FP8-simulated in 64-wide blocks")
-    need(c.index_head_dim % 32 == 0 and _pow2(c.index_head_dim), "index_head_dim",
-         "must be a power of two (Hadamard) and a multiple of 32 (FP4 blocks)")
+    need(
+        c.index_head_dim % 32 == 0 and _pow2(c.index_head_dim),
+        "index_head_dim",
+        "must be a power of two (Hadamard) and a multiple of 32 (FP4 blocks)",
+    )
     need(c.num_heads % c.o_groups == 0, "o_groups", "must divide num_heads")
     need(c.experts_per_token <= c.num_experts, "experts_per_token", "must be <= num_experts")
     need(c.num_shared_experts == 1, "num_shared_experts", "the reference supports exactly 1")
@@ -170,9 +196,12 @@ def _validate(c: ModelConfig) -> None:
     need(c.dim % 128 == 0, "dim", "FP8 activation blocks need a multiple of 128")
     need(c.q_lora_rank % 128 == 0, "q_lora_rank", "FP8 activation blocks need a multiple of 128")
     need(c.moe_inter_dim % 128 == 0, "moe_inter_dim", "FP8 activation blocks: multiple of 128")
-    need((c.num_heads * c.head_dim // c.o_groups) % 128 == 0 and
-         (c.o_groups * c.o_lora_rank) % 128 == 0, "o_lora_rank",
-         "output projection widths must be multiples of 128")
+    need(
+        (c.num_heads * c.head_dim // c.o_groups) % 128 == 0
+        and (c.o_groups * c.o_lora_rank) % 128 == 0,
+        "o_lora_rank",
+        "output projection widths must be multiples of 128",
+    )
     need(c.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
 
 
@@ -192,8 +221,15 @@ def flash() -> ModelConfig:
 def pro() -> ModelConfig:
     """DeepSeek-V4-Pro (1.6T total / 49B active)."""
     return ModelConfig(
-        dim=7168, num_layers=61, num_heads=128, q_lora_rank=1536, o_groups=16,
-        num_experts=384, moe_inter_dim=3072, route_scale=2.5, index_topk=1024,
+        dim=7168,
+        num_layers=61,
+        num_heads=128,
+        q_lora_rank=1536,
+        o_groups=16,
+        num_experts=384,
+        moe_inter_dim=3072,
+        route_scale=2.5,
+        index_topk=1024,
         compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0),
     )
 
@@ -205,11 +241,26 @@ def tiny(*, compress_ratios: tuple[int, ...] = (0, 4, 128, 4, 0), **changes: Any
     short lengths. Override any field (e.g. `num_hash_layers`, `index_topk`) for test variants.
     """
     base: dict[str, Any] = dict(
-        vocab_size=1024, dim=256, num_layers=len(compress_ratios) - 1, num_hash_layers=2,
-        num_heads=4, head_dim=128, rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=128,
-        window_size=16, compress_ratios=tuple(compress_ratios), num_experts=8,
-        experts_per_token=2, moe_inter_dim=128, index_heads=4, index_head_dim=64, index_topk=8,
-        original_seq_len=64, max_position_embeddings=1024,
+        vocab_size=1024,
+        dim=256,
+        num_layers=len(compress_ratios) - 1,
+        num_hash_layers=2,
+        num_heads=4,
+        head_dim=128,
+        rope_head_dim=64,
+        q_lora_rank=128,
+        o_groups=2,
+        o_lora_rank=128,
+        window_size=16,
+        compress_ratios=tuple(compress_ratios),
+        num_experts=8,
+        experts_per_token=2,
+        moe_inter_dim=128,
+        index_heads=4,
+        index_head_dim=64,
+        index_topk=8,
+        original_seq_len=64,
+        max_position_embeddings=1024,
     )
     base.update(changes)
     return ModelConfig(**base)
@@ -219,20 +270,38 @@ def tiny(*, compress_ratios: tuple[int, ...] = (0, 4, 128, 4, 0), **changes: Any
 # config.json
 
 _HF_KEYS = {
-    "vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "num_layers",
-    "num_hash_layers": "num_hash_layers", "num_nextn_predict_layers": "num_mtp_layers",
-    "num_attention_heads": "num_heads", "head_dim": "head_dim",
-    "qk_rope_head_dim": "rope_head_dim", "q_lora_rank": "q_lora_rank", "o_groups": "o_groups",
-    "o_lora_rank": "o_lora_rank", "sliding_window": "window_size",
-    "n_routed_experts": "num_experts", "n_shared_experts": "num_shared_experts",
-    "num_experts_per_tok": "experts_per_token", "moe_intermediate_size": "moe_inter_dim",
-    "routed_scaling_factor": "route_scale", "swiglu_limit": "swiglu_limit",
-    "scoring_func": "score_func", "index_n_heads": "index_heads",
-    "index_head_dim": "index_head_dim", "index_topk": "index_topk", "rope_theta": "rope_theta",
-    "compress_rope_theta": "compress_rope_theta", "hc_mult": "hc_mult",
-    "hc_sinkhorn_iters": "hc_sinkhorn_iters", "hc_eps": "hc_eps", "rms_norm_eps": "norm_eps",
-    "expert_dtype": "expert_dtype", "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id", "max_position_embeddings": "max_position_embeddings",
+    "vocab_size": "vocab_size",
+    "hidden_size": "dim",
+    "num_hidden_layers": "num_layers",
+    "num_hash_layers": "num_hash_layers",
+    "num_nextn_predict_layers": "num_mtp_layers",
+    "num_attention_heads": "num_heads",
+    "head_dim": "head_dim",
+    "qk_rope_head_dim": "rope_head_dim",
+    "q_lora_rank": "q_lora_rank",
+    "o_groups": "o_groups",
+    "o_lora_rank": "o_lora_rank",
+    "sliding_window": "window_size",
+    "n_routed_experts": "num_experts",
+    "n_shared_experts": "num_shared_experts",
+    "num_experts_per_tok": "experts_per_token",
+    "moe_intermediate_size": "moe_inter_dim",
+    "routed_scaling_factor": "route_scale",
+    "swiglu_limit": "swiglu_limit",
+    "scoring_func": "score_func",
+    "index_n_heads": "index_heads",
+    "index_head_dim": "index_head_dim",
+    "index_topk": "index_topk",
+    "rope_theta": "rope_theta",
+    "compress_rope_theta": "compress_rope_theta",
+    "hc_mult": "hc_mult",
+    "hc_sinkhorn_iters": "hc_sinkhorn_iters",
+    "hc_eps": "hc_eps",
+    "rms_norm_eps": "norm_eps",
+    "expert_dtype": "expert_dtype",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "max_position_embeddings": "max_position_embeddings",
 }
 
 
@@ -250,9 +319,12 @@ def from_dict(d: dict[str, Any]) -> ModelConfig:
         kind = rs.get("type", rs.get("rope_type"))
         if kind != "yarn":
             raise ConfigError(f"rope_scaling.type={kind!r}: only 'yarn' is supported")
-        kw.update(rope_factor=float(rs["factor"]), beta_fast=rs.get("beta_fast", 32),
-                  beta_slow=rs.get("beta_slow", 1),
-                  original_seq_len=int(rs["original_max_position_embeddings"]))
+        kw.update(
+            rope_factor=float(rs["factor"]),
+            beta_fast=rs.get("beta_fast", 32),
+            beta_slow=rs.get("beta_slow", 1),
+            original_seq_len=int(rs["original_max_position_embeddings"]),
+        )
     else:
         kw["original_seq_len"] = 0
     if (q := d.get("quantization_config")) is not None:
@@ -292,20 +364,34 @@ def from_json(path: str | os.PathLike) -> ModelConfig:
 def to_dict(c: ModelConfig) -> dict[str, Any]:
     """The release-style `config.json` contents for `c` (inverse of `from_dict`)."""
     d: dict[str, Any] = {
-        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
-        "attention_bias": False, "hidden_act": "silu", "num_key_value_heads": 1,
-        "norm_topk_prob": True, "tie_word_embeddings": False, "topk_method": "noaux_tc",
+        "architectures": ["DeepseekV4ForCausalLM"],
+        "model_type": "deepseek_v4",
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "num_key_value_heads": 1,
+        "norm_topk_prob": True,
+        "tie_word_embeddings": False,
+        "topk_method": "noaux_tc",
         "torch_dtype": "bfloat16",
     }
     for hf, ours in _HF_KEYS.items():
         d[hf] = getattr(c, ours)
     d["compress_ratios"] = list(c.compress_ratios)
-    d["rope_scaling"] = {"type": "yarn", "factor": c.rope_factor, "beta_fast": c.beta_fast,
-                         "beta_slow": c.beta_slow,
-                         "original_max_position_embeddings": c.original_seq_len}
-    d["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
-                                "quant_method": "fp8", "scale_fmt": "ue8m0",
-                                "weight_block_size": [128, 128]}
+    if c.original_seq_len > 0:  # no YaRN: no rope_scaling key (as from_dict reads it)
+        d["rope_scaling"] = {
+            "type": "yarn",
+            "factor": c.rope_factor,
+            "beta_fast": c.beta_fast,
+            "beta_slow": c.beta_slow,
+            "original_max_position_embeddings": c.original_seq_len,
+        }
+    d["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "scale_fmt": "ue8m0",
+        "weight_block_size": [128, 128],
+    }
     return d
 
 
@@ -334,8 +420,9 @@ def layer_plan(c: ModelConfig) -> tuple[Segment, ...]:
 
 def _repeats(kinds: list[LayerKind], i: int, unit: int) -> int:
     n = 0
-    while i + (n + 1) * unit <= len(kinds) and kinds[i + n * unit : i + (n + 1) * unit] == kinds[
-        i : i + unit
-    ]:
+    while (
+        i + (n + 1) * unit <= len(kinds)
+        and kinds[i + n * unit : i + (n + 1) * unit] == kinds[i : i + unit]
+    ):
         n += 1
     return n

@@ -52,12 +52,26 @@ _RENAMES: list[tuple[str, str]] = [
     (r"^ffn\.shared_experts\.w3\.", "mlp.shared_experts.up_proj."),
     (r"^ffn\.", "mlp."),
 ]
-_LEAVES = {"wq_a": "q_a_proj", "q_norm": "q_a_norm", "wq_b": "q_b_proj", "wkv": "kv_proj",
-           "wgate": "gate_proj", "wo_a": "o_a_proj", "wo_b": "o_b_proj", "attn_sink": "sinks",
-           "ape": "position_bias", "norm": "kv_norm"}
-_TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
-        "norm.weight": "model.norm.weight", "hc_head_fn": "model.hc_head.hc_fn",
-        "hc_head_base": "model.hc_head.hc_base", "hc_head_scale": "model.hc_head.hc_scale"}
+_LEAVES = {
+    "wq_a": "q_a_proj",
+    "q_norm": "q_a_norm",
+    "wq_b": "q_b_proj",
+    "wkv": "kv_proj",
+    "wgate": "gate_proj",
+    "wo_a": "o_a_proj",
+    "wo_b": "o_b_proj",
+    "attn_sink": "sinks",
+    "ape": "position_bias",
+    "norm": "kv_norm",
+}
+_TOP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "head.weight": "lm_head.weight",
+    "norm.weight": "model.norm.weight",
+    "hc_head_fn": "model.hc_head.hc_fn",
+    "hc_head_base": "model.hc_head.hc_base",
+    "hc_head_scale": "model.hc_head.hc_scale",
+}
 
 
 def hf_name(release_name: str) -> str | None:
@@ -123,8 +137,9 @@ def _check_weights(model: torch.nn.Module, folder: Path) -> None:
             bad.append(name)
     ck.close()
     if bad:
-        raise AssertionError(f"{folder}: HF weights differ from the checkpoint for {bad[:5]} "
-                             f"({len(bad)} tensors)")
+        raise AssertionError(
+            f"{folder}: HF weights differ from the checkpoint for {bad[:5]} ({len(bad)} tensors)"
+        )
 
 
 def hf_model(folder: str | Path, dtype: str = "float32") -> torch.nn.Module:
@@ -147,7 +162,8 @@ def hf_model(folder: str | Path, dtype: str = "float32") -> torch.nn.Module:
         return model
     qcfg = transformers.FineGrainedFP8Config(dequantize=True)  # never FP8 kernels, even on GPU
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        key[0], quantization_config=qcfg, output_loading_info=True, device_map="cpu")
+        key[0], quantization_config=qcfg, output_loading_info=True, device_map="cpu"
+    )
     problems = {k: v for k, v in info.items() if v}
     if problems:
         raise AssertionError(f"{folder}: HF loading reported {problems}")
@@ -170,8 +186,9 @@ def hf_logits(folder: str | Path, tokens: np.ndarray, dtype: str = "float32") ->
     return out.logits.float().numpy()
 
 
-def hf_capture(model: torch.nn.Module, tokens: np.ndarray,
-               modules: list[str]) -> dict[str, tuple[tuple, dict, object]]:
+def hf_capture(
+    model: torch.nn.Module, tokens: np.ndarray, modules: list[str]
+) -> dict[str, tuple[tuple, dict, object]]:
     """Runs a full forward and records (args, kwargs, output) of each named submodule.
 
     Names as in `model.named_modules()`, e.g. "model.layers.1.self_attn.compressor.indexer",
@@ -180,9 +197,12 @@ def hf_capture(model: torch.nn.Module, tokens: np.ndarray,
     seen: dict[str, tuple[tuple, dict, object]] = {}
     hooks = []
     for name in modules:
-        def hook(_mod: torch.nn.Module, args: tuple, kwargs: dict, out: object,
-                 name: str = name) -> None:
+
+        def hook(
+            _mod: torch.nn.Module, args: tuple, kwargs: dict, out: object, name: str = name
+        ) -> None:
             seen[name] = (args, kwargs, out)
+
         hooks.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():

@@ -15,8 +15,11 @@ from v4jax.config import ModelConfig, layer_plan
 Path = tuple[str | int, ...]
 
 _TOP = {
-    "embed.weight": ("embed",), "head.weight": ("head", "weight"), "norm.weight": ("norm", "weight"),
-    "hc_head_fn": ("hc_head", "fn"), "hc_head_base": ("hc_head", "base"),
+    "embed.weight": ("embed",),
+    "head.weight": ("head", "weight"),
+    "norm.weight": ("norm", "weight"),
+    "hc_head_fn": ("hc_head", "fn"),
+    "hc_head_base": ("hc_head", "base"),
     "hc_head_scale": ("hc_head", "scale"),
 }
 _MTP_OWN = {"e_proj", "h_proj", "enorm", "hnorm", "norm"}

@@ -77,9 +77,12 @@ def load_release_arrays(
             if path not in out:
                 problems.append(f"{name}: maps to {'.'.join(map(str, path))}, not a parameter")
                 continue
-            arr = _read(ckpt, name, out[path].dtype, out[path].shape[len(idx):], problems)
-            if arr is not None and name.endswith("tid2eid") and arr.size and (
-                arr.min() < 0 or arr.max() >= cfg.num_experts
+            arr = _read(ckpt, name, out[path].dtype, out[path].shape[len(idx) :], problems)
+            if (
+                arr is not None
+                and name.endswith("tid2eid")
+                and arr.size
+                and (arr.min() < 0 or arr.max() >= cfg.num_experts)
             ):
                 problems.append(f"{name}: expert ids outside [0, {cfg.num_experts})")
             elif arr is not None:
@@ -93,25 +96,30 @@ def _check_names(names: Iterable[str], cfg: ModelConfig) -> None:
     present = set(names)
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
-    msgs = [f"missing tensor {n} (expected {expected[n][0]} {list(expected[n][1])})"
-            for n in missing]
-    msgs += [f"unexpected tensor {n} (not part of this config's release layout)"
-             for n in unexpected]
+    msgs = [
+        f"missing tensor {n} (expected {expected[n][0]} {list(expected[n][1])})" for n in missing
+    ]
+    msgs += [
+        f"unexpected tensor {n} (not part of this config's release layout)" for n in unexpected
+    ]
     _raise(msgs, None)
 
 
-def _read(ckpt, name: str, dtype: np.dtype, shape: tuple[int, ...],
-          problems: list[str]) -> np.ndarray | None:
+def _read(
+    ckpt, name: str, dtype: np.dtype, shape: tuple[int, ...], problems: list[str]
+) -> np.ndarray | None:
     info = ckpt.info(name)
     want = release_dtype(dtype)
     if info.dtype != want or tuple(info.shape) != tuple(shape):
-        problems.append(f"{name}: expected {want} {list(shape)}, found {info.dtype} "
-                        f"{list(info.shape)}")
+        problems.append(
+            f"{name}: expected {want} {list(shape)}, found {info.dtype} {list(info.shape)}"
+        )
         return None
     arr = ckpt.get(name)
-    if arr.dtype in (np.float32, ml_dtypes.bfloat16) and not np.isfinite(
-        arr.astype(np.float32)
-    ).all():
+    if (
+        arr.dtype in (np.float32, ml_dtypes.bfloat16)
+        and not np.isfinite(arr.astype(np.float32)).all()
+    ):
         problems.append(f"{name}: contains NaN or Inf")
         return None
     if want == "I64":
@@ -128,4 +136,3 @@ def _raise(problems: list[str], folder) -> None:
     where = f"{os.fspath(folder)}: " if folder is not None else ""
     head = f"{where}{len(problems)} problem(s) with the checkpoint:\n  "
     raise CheckpointError(head + "\n  ".join(problems))
-

@@ -25,9 +25,18 @@ import numpy as np
 from v4jax.checkpoint.safetensors import numpy_dtype, write_index, write_safetensors
 from v4jax.config import ModelConfig, to_dict
 
-__all__ = ["Spec", "dequantize_fp4", "dequantize_fp8_blocks", "iter_random_release_tensors",
-           "quantize_fp4_rows", "quantize_fp8_blocks", "random_release_tensors",
-           "release_tensor_specs", "shard_of", "write_release_checkpoint"]
+__all__ = [
+    "Spec",
+    "dequantize_fp4",
+    "dequantize_fp8_blocks",
+    "iter_random_release_tensors",
+    "quantize_fp4_rows",
+    "quantize_fp8_blocks",
+    "random_release_tensors",
+    "release_tensor_specs",
+    "shard_of",
+    "write_release_checkpoint",
+]
 
 Spec = tuple[str, tuple[int, ...]]  # (safetensors dtype string, shape)
 
@@ -39,6 +48,7 @@ FP4_TABLE[8] = 0.0  # code 8 is -0; read as +0 as convert.py does
 _FP4_MIDS = (FP4_GRID[1:] + FP4_GRID[:-1]) / 2
 
 # ----------------------------------------------------------------------------- quantisers
+
 
 def _pow2_exponent(amax: np.ndarray, qmax: float) -> np.ndarray:
     """Exact ceil(log2(amax / qmax)) clamped to the E8M0 range (zero amax -> smallest scale)."""
@@ -112,11 +122,14 @@ def dequantize_fp4(packed: np.ndarray, scale: np.ndarray, block: int = FP4_BLOCK
 
 # ----------------------------------------------------------------------------- tensor inventory
 
+
 def _fp8(specs: dict[str, Spec], name: str, out: int, inp: int, fp4: bool = False) -> None:
     """A quantised linear: FP8 128x128 blocks, or packed FP4 with per-32 scales."""
     specs[f"{name}.weight"] = ("I8", (out, inp // 2)) if fp4 else ("F8_E4M3", (out, inp))
-    specs[f"{name}.scale"] = ("F8_E8M0", (out, inp // FP4_BLOCK) if fp4 else
-                              (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)))
+    specs[f"{name}.scale"] = (
+        "F8_E8M0",
+        (out, inp // FP4_BLOCK) if fp4 else (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)),
+    )
 
 
 def _compressor(specs: dict[str, Spec], p: str, cfg: ModelConfig, ratio: int, hd: int) -> None:
@@ -226,8 +239,9 @@ _DENSE_RULES: list[tuple[str, tuple[str, float, float]]] = [
 ]
 
 
-def _dense(name: str, dtype: str, shape: tuple[int, ...], cfg: ModelConfig,
-           rng: np.random.Generator) -> np.ndarray:
+def _dense(
+    name: str, dtype: str, shape: tuple[int, ...], cfg: ModelConfig, rng: np.random.Generator
+) -> np.ndarray:
     """A BF16 / F32 / I64 tensor following the README recipe."""
     if name.endswith("tid2eid"):  # distinct experts per row, uniform
         order = rng.random((shape[0], cfg.num_experts)).argsort(axis=1)
@@ -268,8 +282,9 @@ def shard_of(name: str, cfg: ModelConfig, shards: int) -> int:
     return 0 if name.startswith("embed.") else shards - 1
 
 
-def write_release_checkpoint(cfg: ModelConfig, folder: str | os.PathLike[str], seed: int, *,
-                             shards: int = 2) -> Path:
+def write_release_checkpoint(
+    cfg: ModelConfig, folder: str | os.PathLike[str], seed: int, *, shards: int = 2
+) -> Path:
     """Writes `config.json`, `model-0000K-of-0000N.safetensors` and the index into `folder`.
 
     Streams: only one shard's tensors are held in memory at a time. Returns the folder.

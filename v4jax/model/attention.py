@@ -30,13 +30,16 @@ class Attention(nnx.Module):
         self.wkv = Linear(d, k, fmt="fp8", axes=("kv", "embed"), prec=prec)
         self.kv_norm = RMSNorm(k, cfg.norm_eps, prec, axis="kv")
         o_in = h * k // cfg.o_groups
-        self.wo_a = Linear(o_in, cfg.o_groups * cfg.o_lora_rank, fmt="fp8",
-                           axes=("o_lora", "o_in"), prec=prec)
-        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d, fmt="fp8",
-                           axes=("embed", "o_lora"), prec=prec)
+        self.wo_a = Linear(
+            o_in, cfg.o_groups * cfg.o_lora_rank, fmt="fp8", axes=("o_lora", "o_in"), prec=prec
+        )
+        self.wo_b = Linear(
+            cfg.o_groups * cfg.o_lora_rank, d, fmt="fp8", axes=("embed", "o_lora"), prec=prec
+        )
         self.attn_sink = param((h,), F32, ("heads",))
-        self.compressor = (Compressor(cfg, self.ratio, k, rotate=False, prec=prec)
-                           if self.ratio else None)
+        self.compressor = (
+            Compressor(cfg, self.ratio, k, rotate=False, prec=prec) if self.ratio else None
+        )
         self.indexer = Indexer(cfg, prec) if attn is Attn.CSA else None
         self.freqs = freq_tuple(cfg, self.ratio)
 
@@ -58,8 +61,9 @@ class Attention(nnx.Module):
     def output(self, q, pool, idx, pos) -> jnp.ndarray:
         """Sparse attention over pool[idx], de-rotation, grouped low-rank projection -> [B,S,D]."""
         c = self.cfg
-        o = sparse_attention(q, pool, idx, self.attn_sink[...], scale=c.head_dim**-0.5,
-                             implementation=self._impl())
+        o = sparse_attention(
+            q, pool, idx, self.attn_sink[...], scale=c.head_dim**-0.5, implementation=self._impl()
+        )
         o = rope(o, pos, self._freqs(), inverse=True)
         b, s = o.shape[:2]
         o = o.reshape(b, s, c.o_groups, -1).astype(F32)  # [B, S, G, H*K/G]
@@ -74,7 +78,8 @@ class Attention(nnx.Module):
         pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         qr, q = self.queries(u, pos)
         pool = self.window_kv(u, pos)
-        idx = jnp.broadcast_to(prefill_window_idx(s, self.cfg.window_size), (b, s, min(s, self.cfg.window_size)))
+        win = prefill_window_idx(s, self.cfg.window_size)  # [S, W]
+        idx = jnp.broadcast_to(win, (b, *win.shape))
         if self.ratio:
             entries = self.compressor(u)  # [B, C, K]
             n = entries.shape[1]

@@ -21,8 +21,9 @@ from v4jax.numerics import Precision, fp4_quant_dequant, fp8_quant_dequant, hada
 
 
 class Compressor(nnx.Module):
-    def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, *, rotate: bool,
-                 prec: Precision):
+    def __init__(
+        self, cfg: ModelConfig, ratio: int, head_dim: int, *, rotate: bool, prec: Precision
+    ):
         self.ratio, self.head_dim, self.rotate, self.prec = ratio, head_dim, rotate, prec
         self.overlap = ratio == 4
         width = (2 if self.overlap else 1) * head_dim

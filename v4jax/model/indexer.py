@@ -23,10 +23,16 @@ HI = jax.lax.Precision.HIGHEST
 class Indexer(nnx.Module):
     def __init__(self, cfg: ModelConfig, prec: Precision):
         self.heads, self.head_dim, self.topk = cfg.index_heads, cfg.index_head_dim, cfg.index_topk
-        self.wq_b = Linear(cfg.q_lora_rank, self.heads * self.head_dim, fmt="fp8",
-                           axes=("index", "q_lora"), prec=prec)
-        self.weights_proj = Linear(cfg.dim, self.heads, fmt="bf16", axes=("index", "embed"),
-                                   prec=prec)
+        self.wq_b = Linear(
+            cfg.q_lora_rank,
+            self.heads * self.head_dim,
+            fmt="fp8",
+            axes=("index", "q_lora"),
+            prec=prec,
+        )
+        self.weights_proj = Linear(
+            cfg.dim, self.heads, fmt="bf16", axes=("index", "embed"), prec=prec
+        )
         self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True, prec=prec)
         self.freqs = freq_tuple(cfg, 4)
         self.prec = prec
@@ -45,8 +51,7 @@ class Indexer(nnx.Module):
         rnd = self.prec.round
         w = self.weights_proj(u).astype(F32) * F32(self.head_dim**-0.5 * self.heads**-0.5)
         w = rnd(w)  # [B, S, H]
-        logits = rnd(jnp.einsum("bshk,bck->bshc", q.astype(F32), keys.astype(F32),
-                                precision=HI))
+        logits = rnd(jnp.einsum("bshk,bck->bshc", q.astype(F32), keys.astype(F32), precision=HI))
         weighted = rnd(jnp.maximum(logits, 0.0) * w[..., None])
         return rnd(jnp.sum(weighted, axis=2))
 

@@ -62,8 +62,10 @@ def rope_freqs(cfg: ModelConfig, ratio: int) -> np.ndarray:
     base = cfg.compress_rope_theta if ratio > 0 else cfg.rope_theta
     freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if yarn:
+
         def corr(rot: float) -> float:
             return dim * math.log(cfg.original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
+
         low = max(math.floor(corr(cfg.beta_fast)), 0)
         high = min(math.ceil(corr(cfg.beta_slow)), dim - 1)
         high = high + 0.001 if low == high else high

@@ -31,11 +31,13 @@ class Router(nnx.Module):
     def __init__(self, cfg: ModelConfig, hash_routed: bool, prec: Precision):
         self.weight = param((cfg.num_experts, cfg.dim), jnp.bfloat16, ("experts", "embed"))
         if hash_routed:
-            self.tid2eid = param((cfg.vocab_size, cfg.experts_per_token), jnp.int32,
-                                 ("vocab", None))
+            self.tid2eid = param(
+                (cfg.vocab_size, cfg.experts_per_token), jnp.int32, ("vocab", None)
+            )
         else:
             self.bias = param((cfg.num_experts,), F32, ("experts",))
-        self.hash_routed, self.k, self.route_scale = hash_routed, cfg.experts_per_token, cfg.route_scale
+        self.hash_routed, self.k = hash_routed, cfg.experts_per_token
+        self.route_scale = cfg.route_scale
 
     def __call__(self, x: jnp.ndarray, ids: jnp.ndarray):
         """x [T, D], ids [T] -> weights [T, k] float32, expert ids [T, k] int32."""
@@ -71,8 +73,14 @@ class RoutedExperts(nnx.Module):
         """x [T, D] (act dtype), combine [E, T] routing weights -> sum_e out_e [T, D] float32."""
         xq = x.astype(F32)
         xq = fp8_quant_dequant(xq, 128) if self.prec.simulate_quant else xq
-        ws = (self.w1[...], self.w1_scale[...], self.w2[...], self.w2_scale[...],
-              self.w3[...], self.w3_scale[...])
+        ws = (
+            self.w1[...],
+            self.w1_scale[...],
+            self.w2[...],
+            self.w2_scale[...],
+            self.w3[...],
+            self.w3_scale[...],
+        )
 
         def expert(acc, inputs):
             w1, s1, w2, s2, w3, s3, cw = inputs

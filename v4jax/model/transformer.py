@@ -20,8 +20,9 @@ from v4jax.numerics import Precision
 class Unit(nnx.Module):
     """One repetition of a segment's unit (1 or 2 blocks)."""
 
-    def __init__(self, cfg: ModelConfig, kinds: tuple[LayerKind, ...], prec: Precision,
-                 kernels: str):
+    def __init__(
+        self, cfg: ModelConfig, kinds: tuple[LayerKind, ...], prec: Precision, kernels: str
+    ):
         self.blocks = nnx.List([Block(cfg, k, prec, kernels) for k in kinds])
 
     def __call__(self, x: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:

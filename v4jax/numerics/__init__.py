@@ -5,6 +5,14 @@ from v4jax.numerics.policy import Numerics, Precision
 from v4jax.numerics.quant import fp4_quant_dequant, fp8_quant_dequant, hadamard, pow2_scale
 
 __all__ = [
-    "FP4_VALUES", "Numerics", "Precision", "dequant_fp4", "dequant_fp8_blocks",
-    "fp4_quant_dequant", "fp8_quant_dequant", "hadamard", "pow2_scale", "unpack_fp4",
+    "FP4_VALUES",
+    "Numerics",
+    "Precision",
+    "dequant_fp4",
+    "dequant_fp8_blocks",
+    "fp4_quant_dequant",
+    "fp8_quant_dequant",
+    "hadamard",
+    "pow2_scale",
+    "unpack_fp4",
 ]

@@ -28,7 +28,8 @@ class Numerics(enum.Enum):
             return cls(value)
         except ValueError:
             choices = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"numerics={value!r}: unknown mode, expected one of {choices}") from None
+            msg = f"numerics={value!r}: unknown mode, expected one of {choices}"
+            raise ValueError(msg) from None
 
 
 @dataclasses.dataclass(frozen=True)
