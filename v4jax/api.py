@@ -21,6 +21,8 @@ from v4jax.checkpoint.release import load_release_arrays
 from v4jax.checkpoint.safetensors import INDEX_FILE, SINGLE_FILE
 from v4jax.checkpoint.synthetic import random_release_tensors
 from v4jax.config import ModelConfig, from_json
+from v4jax.decode import init_cache
+from v4jax.decode import steps as decode_steps
 from v4jax.kernels.sparse_attention import IMPLEMENTATIONS
 from v4jax.model.transformer import Transformer
 from v4jax.numerics import Numerics, Precision
@@ -65,6 +67,20 @@ class Model:
         if t.shape != n.shape:
             raise ValueError(f"tokens {t.shape} and next_tokens {n.shape} differ in shape")
         return _mtp_logits(self.graphdef, self.state, t, n)
+
+    # ---- decode (v4jax.decode owns the state; these are thin entry points) ----
+    def init_cache(self, batch_size: int, max_len: int):
+        """An empty `DecodeCache` for `batch_size` sequences of up to `max_len` tokens."""
+        return init_cache(self.config, batch_size, max_len, self.precision.dtype)
+
+    def prefill(self, tokens, cache, lengths=None):
+        """Right-padded tokens [B, S] (+ lengths [B]) from each sequence's cache position ->
+        (logits of each sequence's last valid token [B, V], cache). Any start position."""
+        return decode_steps.prefill(self, tokens, cache, lengths)
+
+    def decode_step(self, tokens, cache):
+        """One token per sequence [B] -> (logits [B, V], cache)."""
+        return decode_steps.decode_step(self, tokens, cache)
 
     def _check_tokens(self, tokens, what: str = "tokens") -> jax.Array:
         t = jnp.asarray(tokens)

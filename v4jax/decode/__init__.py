@@ -1,0 +1,12 @@
+"""The decode loop: V4's heterogeneous cache, chunked prefill, decode steps, sampling and
+generation. Separate from the model: the model computes, this package owns the state."""
+
+from v4jax.decode.cache import CompressorState, DecodeCache, LayerCache, init_cache
+from v4jax.decode.chunk import forward_chunk
+from v4jax.decode.generate import Generation, generate, generate_stream, pad_prompts
+from v4jax.decode.sampling import Sampling, greedy, sample
+
+__all__ = [
+    "CompressorState", "DecodeCache", "Generation", "LayerCache", "Sampling", "forward_chunk",
+    "generate", "generate_stream", "greedy", "init_cache", "pad_prompts", "sample",
+]

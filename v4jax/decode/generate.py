@@ -1,0 +1,108 @@
+"""Generation: prefill the prompts, then a `jax.lax.while_loop` of decode steps (or a Python
+loop that yields tokens as they come), stopping on EOS or length, per sequence."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from v4jax.decode.chunk import forward_chunk
+from v4jax.decode.sampling import Sampling, sample
+
+__all__ = ["Generation", "generate", "generate_stream", "pad_prompts"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    tokens: np.ndarray  # [B, max_new_tokens] int32, `pad_id` after a sequence stopped
+    lengths: np.ndarray  # [B] generated tokens per sequence (EOS included)
+    prompt_lengths: np.ndarray  # [B]
+
+    def sequences(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+    """Right-pads token lists -> (tokens [B, S] int32, lengths [B] int32)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    s = max(len(p) for p in prompts)
+    out = np.full((len(prompts), s), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        out[i, : len(p)] = p
+    return out, np.array([len(p) for p in prompts], np.int32)
+
+
+def _setup(model, prompts, max_new_tokens, max_len):
+    tokens, lengths = pad_prompts(prompts)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    need = int(lengths.max()) + max_new_tokens
+    cache = model.init_cache(len(prompts), max_len or need)
+    if cache.max_len < need:
+        raise ValueError(f"max_len={cache.max_len} < longest prompt + max_new_tokens = {need}")
+    return tokens, lengths, cache
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampling: Sampling = Sampling(), eos_id: int | None = None,
+             max_len: int | None = None) -> Generation:
+    """Batched generation compiled as one `while_loop` (stops when every sequence is done)."""
+    tokens, lengths, cache = _setup(model, prompts, max_new_tokens, max_len)
+    eos = model.config.eos_token_id if eos_id is None else eos_id
+    logits, cache = model.prefill(tokens, cache, lengths)
+    out, n = _loop(model, logits, cache, max_new_tokens, sampling, eos)
+    return Generation(np.asarray(out), np.asarray(n), lengths)
+
+
+def _loop(model, logits, cache, steps: int, s: Sampling, eos: int):
+    b = logits.shape[0]
+    init = (0, logits, cache, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b,), bool),
+            jnp.zeros((b,), jnp.int32))
+    _, _, _, out, _, n = _while(model.graphdef, steps, s, eos, model.state, init)
+    return out, n
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _while(graphdef, steps: int, s: Sampling, eos: int, state, init):
+    """Decode until every sequence emitted EOS or `steps` tokens were produced."""
+    key0 = jax.random.key(s.seed)
+
+    def cond(c):
+        i, _, _, _, done, _ = c[1]
+        return (i < steps) & ~jnp.all(done)
+
+    def body(c):  # the parameter state rides in the carry: NNX needs it at the loop's level
+        state, (i, logits, cache, out, done, n) = c
+        model = nnx.merge(graphdef, state)
+        tok = sample(logits, jax.random.fold_in(key0, i), s)
+        tok = jnp.where(done, 0, tok)
+        out = out.at[:, i].set(tok)
+        n = n + (~done).astype(jnp.int32)
+        done = done | (tok == eos)
+        logits, cache = forward_chunk(model, tok[:, None], cache, jnp.ones_like(tok))
+        return state, (i + 1, logits, cache, out, done, n)
+
+    return jax.lax.while_loop(cond, body, (state, init))[1]
+
+
+def generate_stream(model, prompt: Sequence[int], *, max_new_tokens: int,
+                    sampling: Sampling = Sampling(), eos_id: int | None = None,
+                    max_len: int | None = None) -> Iterator[int]:
+    """Yields the tokens of one prompt's continuation as they are produced."""
+    tokens, lengths, cache = _setup(model, [prompt], max_new_tokens, max_len)
+    eos = model.config.eos_token_id if eos_id is None else eos_id
+    logits, cache = model.prefill(tokens, cache, lengths)
+    key0 = jax.random.key(sampling.seed)
+    for i in range(max_new_tokens):
+        tok = sample(logits, jax.random.fold_in(key0, i), sampling)
+        yield int(tok[0])
+        if int(tok[0]) == eos:
+            return
+        logits, cache = model.decode_step(tok, cache)

@@ -1,0 +1,47 @@
+"""`prefill` and `decode_step` for a `Model`: input checks, then one jitted pure function of
+(parameter state, tokens, cache, lengths)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from v4jax.decode.cache import DecodeCache
+from v4jax.decode.chunk import forward_chunk
+
+__all__ = ["decode_step", "prefill"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _chunk(graphdef, state, tokens, cache, lengths):
+    return forward_chunk(nnx.merge(graphdef, state), tokens, cache, lengths)
+
+
+def prefill(model, tokens, cache: DecodeCache, lengths=None):
+    """Right-padded tokens [B, S] (+ valid lengths [B]) continuing each sequence at its cache
+    position -> (logits of each sequence's last valid token [B, V], updated cache)."""
+    tokens = model._check_tokens(tokens)
+    b, s = tokens.shape
+    if b != cache.batch_size:
+        raise ValueError(f"tokens have batch {b}, the cache holds {cache.batch_size} sequences")
+    lengths = np.full((b,), s, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+    if lengths.shape != (b,) or lengths.min() < 0 or lengths.max() > s:
+        raise ValueError(f"lengths {lengths.tolist()}: need [B] values in [0, {s}]")
+    end = np.asarray(cache.pos) + lengths
+    if end.max() > cache.max_len:
+        i = int(end.argmax())
+        raise ValueError(f"sequence {i} would reach {int(end[i])} tokens, longer than the "
+                         f"cache (max_len={cache.max_len})")
+    return _chunk(model.graphdef, model.state, tokens, cache, jnp.asarray(lengths))
+
+
+def decode_step(model, tokens, cache: DecodeCache):
+    """One new token per sequence [B] -> (logits [B, V], updated cache)."""
+    t = jnp.asarray(tokens)
+    if t.ndim != 1:
+        raise ValueError(f"decode_step takes one token per sequence [B], got shape {t.shape}")
+    return prefill(model, t[:, None], cache)
