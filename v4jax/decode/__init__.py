@@ -4,9 +4,24 @@ generation. Separate from the model: the model computes, this package owns the s
 from v4jax.decode.cache import CompressorState, DecodeCache, LayerCache, init_cache
 from v4jax.decode.chunk import forward_chunk
 from v4jax.decode.generate import Generation, generate, generate_stream, pad_prompts
+from v4jax.decode.persist import cache_bytes, load_cache, measured_bytes, save_cache
 from v4jax.decode.sampling import Sampling, greedy, sample
 
 __all__ = [
-    "CompressorState", "DecodeCache", "Generation", "LayerCache", "Sampling", "forward_chunk",
-    "generate", "generate_stream", "greedy", "init_cache", "pad_prompts", "sample",
+    "CompressorState",
+    "DecodeCache",
+    "Generation",
+    "LayerCache",
+    "Sampling",
+    "forward_chunk",
+    "cache_bytes",
+    "generate",
+    "generate_stream",
+    "greedy",
+    "init_cache",
+    "load_cache",
+    "measured_bytes",
+    "pad_prompts",
+    "sample",
+    "save_cache",
 ]

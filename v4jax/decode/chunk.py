@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax.config import Attn
 from v4jax.decode.cache import CompressorState, DecodeCache, LayerCache
 from v4jax.model.attention import Attention
 from v4jax.model.block import Block
@@ -52,12 +51,16 @@ def compress_chunk(comp: Compressor, u, p0, n, state: CompressorState):
     base = (p0 // r - (kept - 1)) * r  # position of state row 0
 
     def gather(pos):  # absolute positions [B, ...] -> (kv, score) with absent ones masked
-        row = jnp.where(pos < p0.reshape(-1, *[1] * (pos.ndim - 1)),
-                        pos - base.reshape(-1, *[1] * (pos.ndim - 1)),
-                        kept * r + pos - p0.reshape(-1, *[1] * (pos.ndim - 1)))
+        row = jnp.where(
+            pos < p0.reshape(-1, *[1] * (pos.ndim - 1)),
+            pos - base.reshape(-1, *[1] * (pos.ndim - 1)),
+            kept * r + pos - p0.reshape(-1, *[1] * (pos.ndim - 1)),
+        )
         ok = (pos >= 0)[..., None]
-        return (jnp.where(ok, _take_rows(buf_kv, row), 0.0),
-                jnp.where(ok, _take_rows(buf_sc, row), -jnp.inf))
+        return (
+            jnp.where(ok, _take_rows(buf_kv, row), 0.0),
+            jnp.where(ok, _take_rows(buf_sc, row), -jnp.inf),
+        )
 
     j = s // r + 1
     e = p0[:, None] // r + jnp.arange(j)  # [B, J] candidate entries

@@ -50,9 +50,15 @@ def _setup(model, prompts, max_new_tokens, max_len):
     return tokens, lengths, cache
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             sampling: Sampling = Sampling(), eos_id: int | None = None,
-             max_len: int | None = None) -> Generation:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_id: int | None = None,
+    max_len: int | None = None,
+) -> Generation:
     """Batched generation compiled as one `while_loop` (stops when every sequence is done)."""
     tokens, lengths, cache = _setup(model, prompts, max_new_tokens, max_len)
     eos = model.config.eos_token_id if eos_id is None else eos_id
@@ -63,8 +69,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
 
 def _loop(model, logits, cache, steps: int, s: Sampling, eos: int):
     b = logits.shape[0]
-    init = (0, logits, cache, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b,), bool),
-            jnp.zeros((b,), jnp.int32))
+    init = (
+        0,
+        logits,
+        cache,
+        jnp.zeros((b, steps), jnp.int32),
+        jnp.zeros((b,), bool),
+        jnp.zeros((b,), jnp.int32),
+    )
     _, _, _, out, _, n = _while(model.graphdef, steps, s, eos, model.state, init)
     return out, n
 
@@ -92,9 +104,15 @@ def _while(graphdef, steps: int, s: Sampling, eos: int, state, init):
     return jax.lax.while_loop(cond, body, (state, init))[1]
 
 
-def generate_stream(model, prompt: Sequence[int], *, max_new_tokens: int,
-                    sampling: Sampling = Sampling(), eos_id: int | None = None,
-                    max_len: int | None = None) -> Iterator[int]:
+def generate_stream(
+    model,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_id: int | None = None,
+    max_len: int | None = None,
+) -> Iterator[int]:
     """Yields the tokens of one prompt's continuation as they are produced."""
     tokens, lengths, cache = _setup(model, [prompt], max_new_tokens, max_len)
     eos = model.config.eos_token_id if eos_id is None else eos_id

@@ -49,9 +49,9 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
     keep_sorted = before < p
-    keep = jnp.zeros_like(keep_sorted).at[
-        jnp.arange(logits.shape[0])[:, None], order
-    ].set(keep_sorted)
+    keep = (
+        jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    )
     return jnp.where(keep, logits, -jnp.inf)
 
 

@@ -34,8 +34,10 @@ def prefill(model, tokens, cache: DecodeCache, lengths=None):
     end = np.asarray(cache.pos) + lengths
     if end.max() > cache.max_len:
         i = int(end.argmax())
-        raise ValueError(f"sequence {i} would reach {int(end[i])} tokens, longer than the "
-                         f"cache (max_len={cache.max_len})")
+        raise ValueError(
+            f"sequence {i} would reach {int(end[i])} tokens, longer than the "
+            f"cache (max_len={cache.max_len})"
+        )
     return _chunk(model.graphdef, model.state, tokens, cache, jnp.asarray(lengths))
 
 
