@@ -90,5 +90,6 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.bfloat
     layers = []
     for seg in layer_plan(cfg):
         unit = tuple(_layer_cache(cfg, k.attn, batch_size, max_len, dtype) for k in seg.kinds)
-        layers.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (seg.repeats, *a.shape)), unit))
+        reps = seg.repeats
+        layers.append(jax.tree.map(lambda a, r=reps: jnp.broadcast_to(a, (r, *a.shape)), unit))
     return DecodeCache(jnp.zeros((batch_size,), jnp.int32), tuple(layers), max_len)

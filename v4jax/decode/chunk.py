@@ -103,7 +103,7 @@ def _window_idx(p0, s: int, w: int):
 
 
 def attention_chunk(attn: Attention, u, p0, n, lc: LayerCache):
-    cfg, w = attn.cfg, attn.cfg.window_size
+    w = attn.cfg.window_size
     b, s, _ = u.shape
     pos = p0[:, None] + jnp.arange(s)
     qr, q = attn.queries(u, pos)

@@ -17,6 +17,8 @@ from v4jax.decode.sampling import Sampling, sample
 
 __all__ = ["Generation", "generate", "generate_stream", "pad_prompts"]
 
+GREEDY = Sampling()
+
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
@@ -55,7 +57,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     eos_id: int | None = None,
     max_len: int | None = None,
 ) -> Generation:
@@ -109,7 +111,7 @@ def generate_stream(
     prompt: Sequence[int],
     *,
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     eos_id: int | None = None,
     max_len: int | None = None,
 ) -> Iterator[int]:
