@@ -4,7 +4,6 @@ loop that yields tokens as they come), stopping on EOS or length, per sequence."
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -14,6 +13,7 @@ from flax import nnx
 
 from v4jax.decode.chunk import forward_chunk
 from v4jax.decode.sampling import Sampling, sample
+from v4jax.numerics.policy import jit
 
 __all__ = ["Generation", "generate", "generate_stream", "pad_prompts"]
 
@@ -83,7 +83,7 @@ def _loop(model, logits, cache, steps: int, s: Sampling, eos: int):
     return out, n
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@jit(static_argnums=(0, 1, 2, 3))
 def _while(graphdef, steps: int, s: Sampling, eos: int, state, init):
     """Decode until every sequence emitted EOS or `steps` tokens were produced."""
     key0 = jax.random.key(s.seed)

@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from v4jax.decode.cache import DecodeCache
 from v4jax.decode.chunk import forward_chunk
+from v4jax.numerics.policy import jit
 
 __all__ = ["decode_step", "prefill"]
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit(static_argnums=0)
 def _chunk(graphdef, state, tokens, cache, lengths):
     return forward_chunk(nnx.merge(graphdef, state), tokens, cache, lengths)
 
