@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from v4jax.checkpoint.errors import CheckpointError
+import sharding
+from v4jax.checkpoint import convert, orbax_io
 from v4jax.checkpoint.release import load_release_arrays
-from v4jax.checkpoint.safetensors import INDEX_FILE, SINGLE_FILE
 from v4jax.checkpoint.synthetic import random_release_tensors
 from v4jax.config import ModelConfig, from_json
 from v4jax.decode import init_cache
@@ -26,8 +27,9 @@ from v4jax.decode import steps as decode_steps
 from v4jax.kernels.sparse_attention import IMPLEMENTATIONS
 from v4jax.model.transformer import Transformer
 from v4jax.numerics import Numerics, Precision
+from v4jax.numerics.policy import jit as numerics_jit
 
-__all__ = ["Model", "count_params", "init", "load"]
+__all__ = ["Model", "count_params", "export_hf", "init", "load"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -39,6 +41,8 @@ class Model:
     graphdef: nnx.GraphDef
     state: nnx.State
     kernels: str = "auto"
+    mesh: jax.sharding.Mesh | None = None  # set by load / init (mesh=): parameters placed on it
+    rules: sharding.Rules | None = None  # the sharding regime of `mesh` (default DECODE)
 
     @property
     def module(self) -> Transformer:
@@ -57,8 +61,25 @@ class Model:
         return nnx.merge(gd, jax.tree.map(lambda a: a[rep], st)).blocks[pos]
 
     def logits(self, tokens) -> jax.Array:
-        """int32 tokens [B, S] at positions 0..S-1 -> float32 logits [B, S, V]."""
-        return _logits(self.graphdef, self.state, self._check_tokens(tokens))
+        """int32 tokens [B, S] at positions 0..S-1 -> float32 logits [B, S, V].
+
+        On a mesh: the tokens (the same on every process) are placed batch-sharded and the
+        logits come back as a global array sharded (batch, -, vocab) by the rules."""
+        t = self._check_tokens(tokens)
+        if self.mesh is None:
+            return _logits(self.graphdef, self.state, t)
+        key = ("logits", *t.shape)
+        if key not in self._sharded_fns:
+            self._sharded_fns[key] = logits_jit(
+                self.graphdef, self.state, self.mesh, self.rules, t.shape, self.config.vocab_size
+            )
+        fn, tok_sharding = self._sharded_fns[key]
+        return fn(self.state, _place(t, tok_sharding))
+
+    @functools.cached_property
+    def _sharded_fns(self) -> dict:
+        """Jitted sharded functions of this model (their shardings depend on the shapes)."""
+        return {}
 
     def mtp_logits(self, tokens, next_tokens) -> jax.Array:
         """MTP block logits [B, S, V]: main streams of `tokens`, the MTP fed `next_tokens`
@@ -82,6 +103,11 @@ class Model:
         """One token per sequence [B] -> (logits [B, V], cache)."""
         return decode_steps.decode_step(self, tokens, cache)
 
+    def save(self, path: str | os.PathLike, *, dtype: str = "keep", overwrite: bool = False):
+        """Writes a v4jax Orbax checkpoint (`v4jax.load` reads it back): release formats kept
+        (`dtype="keep"`), or quantised weights stored dequantised (`dtype="bf16"`)."""
+        convert.save_state(self.config, _leaves(self.state), path, dtype=dtype, overwrite=overwrite)
+
     def _check_tokens(self, tokens, what: str = "tokens") -> jax.Array:
         t = jnp.asarray(tokens)
         if t.ndim != 2 or not jnp.issubdtype(t.dtype, jnp.integer):
@@ -97,12 +123,49 @@ class Model:
         return t.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@numerics_jit(static_argnums=0)
 def _logits(graphdef, state, tokens):
     return nnx.merge(graphdef, state)(tokens)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+def logits_jit(graphdef, state, mesh, rules, tokens_shape: tuple[int, int], vocab: int):
+    """The forward jitted on `mesh` with explicit in / out shardings: parameters as `rules`
+    place them, tokens [B, S] and logits [B, S, V] as its activation rules split them.
+
+    Returns (jitted fn(state, tokens), token sharding). `state` may be abstract (AOT lowering
+    in scripts/plan.py). The rules context is entered at trace time, so the hooks in the model
+    (activation constraints, expert-parallel MoE) see this mesh and no other.
+    """
+    mesh, rules = sharding.auto(mesh), sharding.rules_for(rules)
+    act = rules.activations
+
+    def named(axes, shape):
+        return NamedSharding(mesh, sharding.resolve(axes, shape, dict(mesh.shape), act))
+
+    tok = named(("batch", "length"), tuple(tokens_shape))
+    out = named(("batch", "length", "vocab"), (*tokens_shape, vocab))
+
+    def forward(state, tokens):
+        with sharding.use_rules(mesh, rules):
+            return nnx.merge(graphdef, state)(tokens)
+
+    params = sharding.state_shardings(state, mesh, rules)
+    return numerics_jit(forward, in_shardings=(params, tok), out_shardings=out), tok
+
+
+def _place(a, where: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) -> a global array with sharding `where`; each
+    process copies only the shards of its own devices. A jax.Array already there is kept."""
+    if isinstance(a, jax.Array):
+        if a.sharding == where:
+            return a
+        if not a.is_fully_addressable:
+            return jax.device_put(a, where)
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, where, lambda idx: host[idx])
+
+
+@numerics_jit(static_argnums=0)
 def _mtp_logits(graphdef, state, tokens, next_tokens):
     return nnx.merge(graphdef, state).mtp_logits(tokens, next_tokens)
 
@@ -122,11 +185,18 @@ def _leaves(state: nnx.State) -> dict[tuple, jax.ShapeDtypeStruct]:
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
-def _build(cfg, prec, kernels, source, progress: bool) -> Model:
+def _build(cfg, prec, kernels, source, progress: bool, mesh=None, rules=None) -> Model:
     graphdef, abstract = _abstract(cfg, prec, kernels)
+    if mesh is not None:  # fail on a bad mesh / rules before reading any weights
+        mesh, rules = sharding.auto(mesh), sharding.rules_for(rules or sharding.DECODE)
+        specs = sharding.param_specs(abstract, mesh, rules)
     arrays = load_release_arrays(source, cfg, _leaves(abstract), progress=progress)
-    flat = [(p, v.replace(jnp.asarray(arrays[tuple(p)]))) for p, v in nnx.to_flat_state(abstract)]
-    return Model(cfg, prec, graphdef, nnx.from_flat_state(flat), kernels)
+    if mesh is None:
+        place = lambda p: jnp.asarray(arrays.pop(p))
+    else:  # each parameter straight onto its shards: never the whole tree on one device
+        place = lambda p: _place(arrays.pop(p), NamedSharding(mesh, specs[p]))
+    flat = [(p, v.replace(place(tuple(p)))) for p, v in nnx.to_flat_state(abstract)]
+    return Model(cfg, prec, graphdef, nnx.from_flat_state(flat), kernels, mesh, rules)
 
 
 def load(
@@ -135,23 +205,43 @@ def load(
     numerics: str = "reference",
     dtype=None,
     mesh=None,
+    rules=None,
     kernels: str = "auto",
     progress: bool = True,
 ) -> Model:
-    """Loads an official release folder (config.json + safetensors shards)."""
+    """Loads an official release folder (config.json + safetensors shards) or a v4jax Orbax
+    checkpoint (`Model.save`, `scripts/convert.py hf-to-orbax`), detected by its contents.
+
+    `mesh`: a `jax.make_mesh` / `sharding.make_mesh` mesh with axes from `sharding.AXES`; each
+    parameter is placed with the NamedSharding its logical axes get under `rules`
+    (`sharding.DECODE` by default, or `sharding.TRAIN`, or "decode" / "train")."""
     path = os.fspath(path)
     prec = _precision(numerics, dtype)
+    kind = orbax_io.require(path, orbax_io.Kind.RELEASE, orbax_io.Kind.ORBAX)
+    if kind is orbax_io.Kind.ORBAX:
+        return _build_orbax(path, prec, kernels, mesh, rules)
+    return _build(from_json(path), prec, kernels, path, progress, mesh, rules)
+
+
+def _build_orbax(path: str, prec, kernels, mesh=None, rules=None) -> Model:
+    """A v4jax Orbax checkpoint (`Model.save`, `scripts/convert.py hf-to-orbax`) -> Model;
+    with a mesh, Orbax places each parameter directly with its sharding."""
+    cfg = orbax_io.read_marker(path).config
+    graphdef, abstract = _abstract(cfg, prec, kernels)
+    shardings = None
     if mesh is not None:
-        raise NotImplementedError("mesh placement is not implemented yet (sharding issue)")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory")
-    has_weights = any(os.path.exists(os.path.join(path, f)) for f in (INDEX_FILE, SINGLE_FILE))
-    if not (os.path.exists(os.path.join(path, "config.json")) and has_weights):
-        raise CheckpointError(
-            f"{path}: not an official release folder (needs config.json and "
-            f"{INDEX_FILE} or {SINGLE_FILE})"
-        )
-    return _build(from_json(path), prec, kernels, path, progress)
+        mesh, rules = sharding.auto(mesh), sharding.rules_for(rules or sharding.DECODE)
+        specs = sharding.param_specs(abstract, mesh, rules)
+        shardings = {p: NamedSharding(mesh, spec) for p, spec in specs.items()}
+    arrays = convert.restore_state(path, _leaves(abstract), shardings=shardings)
+    flat = [(p, v.replace(arrays.pop(tuple(p)))) for p, v in nnx.to_flat_state(abstract)]
+    return Model(cfg, prec, graphdef, nnx.from_flat_state(flat), kernels, mesh, rules)
+
+
+def export_hf(model: Model, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Writes `model` in the official release format (tensor names, dtypes, shapes,
+    config.json, index, shards), streaming tensor by tensor."""
+    convert.export_state(model.config, _leaves(model.state), path, overwrite=overwrite)
 
 
 def init(
@@ -160,11 +250,14 @@ def init(
     seed: int = 0,
     numerics: str = "reference",
     dtype=None,
+    mesh=None,
+    rules=None,
     kernels: str = "auto",
 ) -> Model:
-    """Random weights in the release layout (FP8 / FP4 + E8M0, as `v4jax.checkpoint.synthetic`)."""
+    """Random weights in the release layout (FP8 / FP4 + E8M0, as `v4jax.checkpoint.synthetic`);
+    `mesh` / `rules` as in `load`."""
     tensors: Mapping[str, np.ndarray] = random_release_tensors(cfg, seed)
-    return _build(cfg, _precision(numerics, dtype), kernels, tensors, False)
+    return _build(cfg, _precision(numerics, dtype), kernels, tensors, False, mesh, rules)
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

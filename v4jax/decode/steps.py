@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import sharding
 from v4jax.decode.cache import DecodeCache
 from v4jax.decode.chunk import forward_chunk
 from v4jax.numerics.policy import jit
@@ -36,7 +37,26 @@ def prefill(model, tokens, cache: DecodeCache, lengths=None):
             f"sequence {i} would reach {int(end[i])} tokens, longer than the "
             f"cache (max_len={cache.max_len})"
         )
+    if model.mesh is not None:
+        return _sharded_chunk(model)(model.state, tokens, cache, jnp.asarray(lengths))
     return _chunk(model.graphdef, model.state, tokens, cache, jnp.asarray(lengths))
+
+
+def _sharded_chunk(model):
+    """The chunk step jitted on the model's mesh: parameters as placed, the rules active at
+    trace time (activation constraints, expert-parallel MoE); cache shardings propagate."""
+    fns = model._sharded_fns
+    if "chunk" not in fns:
+        mesh, rules = sharding.auto(model.mesh), sharding.rules_for(model.rules)
+        params = sharding.state_shardings(model.state, mesh, rules)
+        graphdef = model.graphdef
+
+        def step(state, tokens, cache, lengths):
+            with sharding.use_rules(mesh, rules):
+                return forward_chunk(nnx.merge(graphdef, state), tokens, cache, lengths)
+
+        fns["chunk"] = jit(step, in_shardings=(params, None, None, None))
+    return fns["chunk"]
 
 
 def decode_step(model, tokens, cache: DecodeCache):

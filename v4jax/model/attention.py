@@ -98,7 +98,7 @@ class Attention(nnx.Module):
         return np.asarray(self.freqs, np.float32)
 
     def _impl(self) -> str:
-        return "reference" if self.kernels == "auto" else self.kernels
+        return self.kernels  # the op resolves "auto" by backend (kernels on GPU / TPU)
 
 
 def head_rms(q: jnp.ndarray, eps: float, prec: Precision) -> jnp.ndarray:

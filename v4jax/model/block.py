@@ -5,12 +5,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from sharding.constraints import constrain
 from v4jax.config import LayerKind, ModelConfig
 from v4jax.model.attention import Attention
 from v4jax.model.layers import RMSNorm
 from v4jax.model.mhc import HyperConnection
 from v4jax.model.moe import MoE
 from v4jax.numerics import Precision
+
+# Logical activation axes of the residual streams [B, S, N, D] (sharding/rules.py): constrained
+# at the stack's entry and after every block, so the layout is the same in every scan step.
+STREAMS = ("batch", "length", None, "embed")
 
 
 class Block(nnx.Module):
@@ -27,4 +32,5 @@ class Block(nnx.Module):
         y, post, comb = self.hc_attn.pre(x)
         x = self.hc_attn.post(self.attn(self.attn_norm(y)), x, post, comb)
         y, post, comb = self.hc_ffn.pre(x)
-        return self.hc_ffn.post(self.ffn(self.ffn_norm(y), ids), x, post, comb)
+        x = self.hc_ffn.post(self.ffn(self.ffn_norm(y), ids), x, post, comb)
+        return constrain(x, STREAMS)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from sharding.constraints import constrain
 from v4jax.config import LayerKind, ModelConfig, Segment, layer_plan
-from v4jax.model.block import Block
+from v4jax.model.block import STREAMS, Block
 from v4jax.model.layers import F32, Linear, RMSNorm, mm, param
 from v4jax.model.mhc import HyperHead
 from v4jax.numerics import Precision
@@ -93,13 +94,15 @@ class Transformer(nnx.Module):
         """Final residual streams [B, S, N, D] (before hc_head) of tokens at 0 .. S-1."""
         e = self.embed_tokens(ids)
         x = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.cfg.hc_mult, e.shape[-1]))
+        x = constrain(x, STREAMS)
         for unit in self.segments:
             x = _run_stack(x, unit, ids)
         return x
 
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
         """Token ids [B, S] -> float32 logits [B, S, V] at every position."""
-        return self.head(self.norm(self.hc_head(self.streams(ids))))
+        logits = self.head(self.norm(self.hc_head(self.streams(ids))))
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def mtp_logits(self, ids: jnp.ndarray, next_ids: jnp.ndarray) -> jnp.ndarray:
         """MTP logits [B, S, V]: main streams of ids, MTP fed with next_ids (ids shifted by 1)."""

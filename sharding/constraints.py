@@ -1,0 +1,90 @@
+"""Activation sharding through logical names: the only sharding hook model code calls.
+
+Model code passes logical names (`constrain(x, ("batch", "length", None, "embed"))`) and asks
+which mesh axes a logical name maps to (`mesh_axes("experts", E)`, for the MoE's collectives);
+it never sees a mesh. Outside a `use_rules` context (single device, no mesh) `constrain` is the
+identity and `mesh_axes` returns (), so the unsharded model is unchanged. `use_rules` is entered
+by whoever jit-traces the model on a mesh (`v4jax.api`, the decode loop, `scripts/plan.py`).
+It acts at trace time, so the active (mesh, rules) is a `jax.make_user_context` value: part of
+every JAX tracing / compilation cache key, so a sub-trace cached without rules (e.g. a scan
+body traced by an unsharded run) is never reused under rules, or under other rules.
+
+This module imports only jax and the rest of `sharding/` (no v4jax), so the model layer can use
+it without a cycle; it is the one place model code depends on this package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sharding.mesh import auto
+from sharding.rules import Rules, rules_for
+from sharding.specs import resolve
+
+__all__ = ["active", "constrain", "mesh_axes", "shard_map", "use_rules"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    mesh: Mesh
+    rules: Rules
+
+
+_ACTIVE = jax.make_user_context(default_value=None)  # a _Context or None; in jit cache keys
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: Rules | str) -> Iterator[None]:
+    """Activates the activation rules of `rules` on `mesh` for model code traced inside."""
+    with _ACTIVE(_Context(auto(mesh), rules_for(rules))):
+        yield
+
+
+def active() -> bool:
+    return _ACTIVE.value is not None
+
+
+def _spec(ctx: _Context, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec:
+    try:
+        return resolve(tuple(axes), tuple(shape), dict(ctx.mesh.shape), ctx.rules.activations)
+    except KeyError as e:
+        raise ValueError(
+            f"activation axis {e.args[0]!r} has no rule in the {ctx.rules.name} activation "
+            "table of sharding/rules.py"
+        ) from None
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """`x` constrained to the sharding its dims' logical names give; identity without rules."""
+    ctx = _ACTIVE.value
+    if ctx is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, _spec(ctx, axes, x.shape)))
+
+
+def mesh_axes(name: str, size: int) -> tuple[str, ...]:
+    """The mesh axes that split a dim of `size` named `name` (activation rules); () without
+    rules or when no axis applies. For collectives inside `shard_map` bodies."""
+    ctx = _ACTIVE.value
+    if ctx is None:
+        return ()
+    entry = _spec(ctx, (name,), (size,))[0]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shard_map(f: Callable, *, in_specs, out_specs, check_vma: bool = False) -> Callable:
+    """`jax.shard_map` on the active mesh; specs name axes obtained from `mesh_axes`.
+
+    `check_vma` is off by default: bodies scan with carries that start unvarying (zeros) and
+    become device-varying, which the checker rejects; bodies reduce explicitly instead."""
+    ctx = _ACTIVE.value
+    if ctx is None:
+        raise RuntimeError("sharding.constraints.shard_map needs an active use_rules context")
+    return jax.shard_map(
+        f, mesh=ctx.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
+    )

@@ -1,0 +1,97 @@
+"""Streaming conversion: a checkpoint several times larger than a 512 MB resident-memory budget
+converts both ways with peak RSS (`resource.getrusage` in a fresh subprocess) under it."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import v4jax
+from v4jax.checkpoint.export import write_random_release
+
+BUDGET_MB = 512  # MiB; a process that has imported jax + orbax already holds ~250
+
+
+def big_config() -> v4jax.config.ModelConfig:
+    """2 layers + MTP, dim 2048, 96 FP4 experts, vocab 65536: 1.55 GB of tensors, the largest
+    (embed, head) 256 MiB each."""
+    return v4jax.config.tiny(
+        compress_ratios=(0, 128, 0),
+        num_hash_layers=1,
+        dim=2048,
+        vocab_size=65536,
+        num_experts=96,
+        moe_inter_dim=1024,
+        q_lora_rank=512,
+        num_heads=8,
+        head_dim=256,
+        o_groups=2,
+        o_lora_rank=512,
+    )
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import orbax.checkpoint
+    from v4jax import config
+    from v4jax.checkpoint import convert
+    convert.state_leaves(config.tiny())  # imports and traces as a conversion does
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    r = getattr(convert, sys.argv[1])(sys.argv[2], sys.argv[3])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"base_mb": base, "peak_mb": peak, "seconds": r.seconds}))
+    """
+)
+
+
+# Linux hands a process its parent's peak RSS at exec (ru_maxrss of a child of this big pytest
+# process starts at pytest's own peak), so the conversion runs as a grandchild, under a small
+# launcher whose peak is a few MB.
+_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+
+
+def _convert(fn: str, src, dst) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, sys.executable, "-c", _CHILD, fn, str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_conversion_memory_stays_bounded(tmp_path, record_property):
+    nbytes = write_random_release(big_config(), tmp_path / "src", shards=2)
+    assert nbytes > 2.5 * BUDGET_MB * 2**20
+    to_orbax = _convert("hf_to_orbax", tmp_path / "src", tmp_path / "orbax")
+    to_hf = _convert("orbax_to_hf", tmp_path / "orbax", tmp_path / "hf")
+    parts = [
+        f"{name} peak RSS {r['peak_mb']:.0f} MiB (after imports {r['base_mb']:.0f}; "
+        f"{r['seconds']:.1f} s)"
+        for name, r in (("hf-to-orbax", to_orbax), ("orbax-to-hf", to_hf))
+    ]
+    line = f"{nbytes / 2**20:.0f} MiB of tensors, budget {BUDGET_MB} MiB: " + ", ".join(parts)
+    print(line)
+    record_property("memory", line)
+    assert to_orbax["peak_mb"] < BUDGET_MB and to_hf["peak_mb"] < BUDGET_MB, line
+    names = sorted(p.name for p in (tmp_path / "src").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "hf").iterdir())
+    for name in names:  # byte for byte, streamed
+        assert _sha(tmp_path / "src" / name) == _sha(tmp_path / "hf" / name), name
