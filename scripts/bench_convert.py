@@ -21,28 +21,13 @@ import shutil
 import tempfile
 import time
 
-import v4jax
 from v4jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
 from v4jax.checkpoint.export import write_random_release
+from v4jax.checkpoint.synthetic import large_config
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "v4-tiny-flash"
 
 
-def big_config() -> v4jax.config.ModelConfig:
-    """2 layers + MTP, dim 2048, 96 FP4 experts, vocab 65536: 1.4 GB, embed / head 256 MiB."""
-    return v4jax.config.tiny(
-        compress_ratios=(0, 128, 0),
-        num_hash_layers=1,
-        dim=2048,
-        vocab_size=65536,
-        num_experts=96,
-        moe_inter_dim=1024,
-        q_lora_rank=512,
-        num_heads=8,
-        head_dim=256,
-        o_groups=2,
-        o_lora_rank=512,
-    )
 
 
 def sequential_read(folder: pathlib.Path) -> tuple[int, float]:
@@ -115,7 +100,7 @@ def main() -> None:
         rows = bench_case("tiny-fixture", FIXTURE, work)
         if not args.no_big:
             t0 = time.perf_counter()
-            nbytes = write_random_release(big_config(), work / "big", shards=2)
+            nbytes = write_random_release(large_config(), work / "big", shards=2)
             print(
                 f"synthetic big: {nbytes / 1e6:.0f} MB written in {time.perf_counter() - t0:.1f} s"
             )

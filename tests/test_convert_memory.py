@@ -10,28 +10,12 @@ import textwrap
 
 import pytest
 
-import v4jax
 from v4jax.checkpoint.export import write_random_release
+from v4jax.checkpoint.synthetic import large_config
 
 BUDGET_MB = 512  # MiB; a process that has imported jax + orbax already holds ~250
 
 
-def big_config() -> v4jax.config.ModelConfig:
-    """2 layers + MTP, dim 2048, 96 FP4 experts, vocab 65536: 1.55 GB of tensors, the largest
-    (embed, head) 256 MiB each."""
-    return v4jax.config.tiny(
-        compress_ratios=(0, 128, 0),
-        num_hash_layers=1,
-        dim=2048,
-        vocab_size=65536,
-        num_experts=96,
-        moe_inter_dim=1024,
-        q_lora_rank=512,
-        num_heads=8,
-        head_dim=256,
-        o_groups=2,
-        o_lora_rank=512,
-    )
 
 
 _CHILD = textwrap.dedent(
@@ -78,7 +62,7 @@ def _sha(path) -> str:
 
 @pytest.mark.slow
 def test_conversion_memory_stays_bounded(tmp_path, record_property):
-    nbytes = write_random_release(big_config(), tmp_path / "src", shards=2)
+    nbytes = write_random_release(large_config(), tmp_path / "src", shards=2)
     assert nbytes > 2.5 * BUDGET_MB * 2**20
     to_orbax = _convert("hf_to_orbax", tmp_path / "src", tmp_path / "orbax")
     to_hf = _convert("orbax_to_hf", tmp_path / "orbax", tmp_path / "hf")

@@ -310,3 +310,24 @@ def write_release_checkpoint(
     flush_until(shards)
     write_index(folder, weight_map, total)
     return folder
+
+
+def large_config() -> ModelConfig:
+    """A few-layer config with big tensors for memory and throughput checks: 2 layers + MTP,
+    dim 2048, 96 FP4 experts, vocab 65536; 1.55 GB of tensors, the largest (embed, head)
+    256 MiB each."""
+    from v4jax.config import tiny
+
+    return tiny(
+        compress_ratios=(0, 128, 0),
+        num_hash_layers=1,
+        dim=2048,
+        vocab_size=65536,
+        num_experts=96,
+        moe_inter_dim=1024,
+        q_lora_rank=512,
+        num_heads=8,
+        head_dim=256,
+        o_groups=2,
+        o_lora_rank=512,
+    )
