@@ -42,7 +42,7 @@ def swiglu(g: jnp.ndarray, u: jnp.ndarray, limit: float) -> jnp.ndarray:
 
 
 class Router(nnx.Module):
-    def __init__(self, cfg: ModelConfig, hash_routed: bool, prec: Precision):
+    def __init__(self, cfg: ModelConfig, hash_routed: bool):
         self.weight = param((cfg.num_experts, cfg.dim), jnp.bfloat16, ("experts", "embed"))
         if hash_routed:
             self.tid2eid = param(
@@ -174,7 +174,7 @@ class SharedExpert(nnx.Module):
 
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, hash_routed: bool, prec: Precision):
-        self.gate = Router(cfg, hash_routed, prec)
+        self.gate = Router(cfg, hash_routed)
         self.experts = RoutedExperts(cfg, prec)
         self.shared_experts = SharedExpert(cfg, prec)
         self.num_experts, self.prec = cfg.num_experts, prec

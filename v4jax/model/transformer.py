@@ -48,7 +48,7 @@ def _run_stack(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray) -> jnp.ndarray:
 class Head(nnx.Module):
     """hc_head collapse -> norm -> float32 head (spec 11.21); weights shared with the MTP."""
 
-    def __init__(self, cfg: ModelConfig, prec: Precision):
+    def __init__(self, cfg: ModelConfig):
         self.weight = param((cfg.vocab_size, cfg.dim), jnp.bfloat16, ("vocab", "embed"))
 
     def __call__(self, y: jnp.ndarray) -> jnp.ndarray:  # [B, S, D] normed -> [B, S, V] f32
@@ -84,7 +84,7 @@ class Transformer(nnx.Module):
         self.segments = nnx.List([stacked_unit(cfg, s, prec, kernels) for s in layer_plan(cfg)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, prec)
         self.hc_head = HyperHead(cfg, prec)
-        self.head = Head(cfg, prec)
+        self.head = Head(cfg)
         self.mtp = MTPBlock(cfg, prec, kernels) if cfg.num_mtp_layers else None
 
     def embed_tokens(self, ids: jnp.ndarray) -> jnp.ndarray:
