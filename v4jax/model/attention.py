@@ -16,7 +16,16 @@ from v4jax.config import Attn, ModelConfig
 from v4jax.kernels.sparse_attention import sparse_attention
 from v4jax.model.compressor import Compressor, quant_kv_nope
 from v4jax.model.indexer import Indexer
-from v4jax.model.layers import F32, HI, Linear, RMSNorm, dequant, freq_tuple, param, rope
+from v4jax.model.layers import (
+    F32,
+    Linear,
+    RMSNorm,
+    act_einsum,
+    dequant,
+    freq_tuple,
+    param,
+    rope,
+)
 from v4jax.numerics import Precision
 
 
@@ -69,7 +78,7 @@ class Attention(nnx.Module):
         o = o.reshape(b, s, c.o_groups, -1).astype(F32)  # [B, S, G, H*K/G]
         wa = dequant("fp8", self.wo_a.weight[...], self.wo_a.scale)
         wa = wa.astype(jnp.bfloat16).astype(F32).reshape(c.o_groups, c.o_lora_rank, -1)
-        z = jnp.einsum("bsgi,gri->bsgr", o, wa, precision=HI).astype(self.prec.dtype)
+        z = act_einsum("bsgi,gri->bsgr", o, wa, self.prec).astype(self.prec.dtype)
         return self.wo_b(z.reshape(b, s, -1))
 
     # ---- full sequence from position 0 ----

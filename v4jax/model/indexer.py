@@ -14,10 +14,8 @@ from flax import nnx
 
 from v4jax.config import ModelConfig
 from v4jax.model.compressor import Compressor
-from v4jax.model.layers import F32, Linear, freq_tuple, rope
+from v4jax.model.layers import F32, Linear, act_einsum, freq_tuple, rope
 from v4jax.numerics import Precision, fp4_quant_dequant, hadamard
-
-HI = jax.lax.Precision.HIGHEST
 
 
 class Indexer(nnx.Module):
@@ -51,7 +49,7 @@ class Indexer(nnx.Module):
         rnd = self.prec.round
         w = self.weights_proj(u).astype(F32) * F32(self.head_dim**-0.5 * self.heads**-0.5)
         w = rnd(w)  # [B, S, H]
-        logits = rnd(jnp.einsum("bshk,bck->bshc", q.astype(F32), keys.astype(F32), precision=HI))
+        logits = rnd(act_einsum("bshk,bck->bshc", q, keys, self.prec))
         weighted = rnd(jnp.maximum(logits, 0.0) * w[..., None])
         return rnd(jnp.sum(weighted, axis=2))
 

@@ -31,8 +31,31 @@ def param(shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Pa
 
 
 def mm(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """float32 x [..., I] @ w[O, I]^T at full precision (no TF32 / bf16 passes on GPU)."""
+    """float32 x [..., I] @ w[O, I]^T at full precision (no TF32 / bf16 passes on GPU): the
+    reference's float32 islands (router, mHC, head)."""
     return jnp.einsum("...i,oi->...o", x.astype(F32), w.astype(F32), precision=HI)
+
+
+def mm_act(x: jnp.ndarray, w: jnp.ndarray, prec: Precision) -> jnp.ndarray:
+    """x [..., I] @ w[O, I]^T -> float32, with both operands in the activation dtype and float32
+    accumulation (bf16 tensor cores on GPU / TPU).
+
+    Exact for what the quantised linears multiply: FP8 e4m3 / FP4 e2m1 values times power-of-two
+    E8M0 scales, FP8-quantised activations and bf16 activations are all representable in bf16,
+    and the product of two bf16 values is exact in float32, so only the summation order differs
+    from `mm`. With `dtype=float32` (the HF-parity form) it is `mm`.
+    """
+    return act_einsum("...i,oi->...o", x, w, prec)
+
+
+def act_einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray, prec: Precision) -> jnp.ndarray:
+    """`jnp.einsum(spec, a, b)` -> float32 for operands whose values are exact in the activation
+    dtype (see `mm_act`): activation-dtype operands, float32 accumulation; float32 HIGHEST when
+    the activation dtype is float32."""
+    if prec.dtype == jnp.dtype(F32):
+        return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=HI)
+    dt = prec.dtype
+    return jnp.einsum(spec, a.astype(dt), b.astype(dt), preferred_element_type=F32)
 
 
 class RMSNorm(nnx.Module):
@@ -132,7 +155,9 @@ class Linear(nnx.Module):
         x = x.astype(F32)
         if self.fmt != "bf16" and self.prec.simulate_quant:
             x = fp8_quant_dequant(x, 128)
-        return mm(x, self.dequantized()).astype(out_dtype or self.prec.dtype)
+        w = self.dequantized()
+        y = mm(x, w) if self.fmt == "bf16" else mm_act(x, w, self.prec)  # bf16 fmt: fp32 islands
+        return y.astype(out_dtype or self.prec.dtype)
 
 
 def dequant(fmt: str, w: jnp.ndarray, scale: nnx.Param | jnp.ndarray | None) -> jnp.ndarray:
