@@ -109,18 +109,21 @@ class Model:
         convert.save_state(self.config, _leaves(self.state), path, dtype=dtype, overwrite=overwrite)
 
     def _check_tokens(self, tokens, what: str = "tokens") -> jax.Array:
-        t = jnp.asarray(tokens)
+        """Shape and dtype checks; the id range only for host arrays (ids already on the device
+        are not read back: no device-to-host transfer per call)."""
+        on_device = isinstance(tokens, jax.Array)
+        t = tokens if on_device else np.asarray(tokens)
         if t.ndim != 2 or not jnp.issubdtype(t.dtype, jnp.integer):
             raise ValueError(f"{what}: expected an integer array [B, S], got {t.dtype}{t.shape}")
         if t.shape[1] == 0:
             raise ValueError(f"{what}: empty sequence")
-        if not isinstance(t, jax.core.Tracer):
+        if not on_device:
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(
                     f"{what}: ids must be in [0, {self.config.vocab_size}), found [{lo}, {hi}]"
                 )
-        return t.astype(jnp.int32)
+        return jnp.asarray(t, jnp.int32)
 
 
 @numerics_jit(static_argnums=0)

@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from v4jax.config import Attn, ModelConfig, layer_plan
 
@@ -47,13 +48,20 @@ class LayerCache:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["pos", "layers"], meta_fields=["max_len"]
+    jax.tree_util.register_dataclass,
+    data_fields=["pos", "layers"],
+    meta_fields=["max_len"],
+    drop_fields=["host_pos"],
 )
 @dataclasses.dataclass(frozen=True)
 class DecodeCache:
     pos: jax.Array  # [B] int32 next position of each sequence (= tokens seen so far)
     layers: tuple  # per segment: tuple (per block of the unit) of stacked LayerCache
     max_len: int  # static: positions 0 .. max_len - 1 fit
+    # A host copy of `pos` kept by `prefill` / `decode_step` so that checking a step against
+    # `max_len` needs no device-to-host transfer. Not part of the pytree (a cache coming out of
+    # a jitted function has None here; the next step then reads `pos` once).
+    host_pos: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -92,4 +100,5 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.bfloat
         unit = tuple(_layer_cache(cfg, k.attn, batch_size, max_len, dtype) for k in seg.kinds)
         reps = seg.repeats
         layers.append(jax.tree.map(lambda a, r=reps: jnp.broadcast_to(a, (r, *a.shape)), unit))
-    return DecodeCache(jnp.zeros((batch_size,), jnp.int32), tuple(layers), max_len)
+    pos = jnp.zeros((batch_size,), jnp.int32)
+    return DecodeCache(pos, tuple(layers), max_len, np.zeros((batch_size,), np.int32))

@@ -1,8 +1,17 @@
 """`prefill` and `decode_step` for a `Model`: input checks, then one jitted pure function of
-(parameter state, tokens, cache, lengths)."""
+(parameter state, tokens, cache, lengths).
+
+The checks cost no device-to-host transfer per step: token ids are range-checked only when they
+come from the host (ids already on the device, e.g. sampled by the model, are taken as they
+are), and the cache-length check uses the host copy of the positions that every step leaves in
+`DecodeCache.host_pos` (read from the device once for a cache that lacks it).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -30,7 +39,8 @@ def prefill(model, tokens, cache: DecodeCache, lengths=None):
     lengths = np.full((b,), s, np.int32) if lengths is None else np.asarray(lengths, np.int32)
     if lengths.shape != (b,) or lengths.min() < 0 or lengths.max() > s:
         raise ValueError(f"lengths {lengths.tolist()}: need [B] values in [0, {s}]")
-    end = np.asarray(cache.pos) + lengths
+    known = cache.host_pos if cache.host_pos is not None else np.asarray(cache.pos)
+    end = known + lengths
     if end.max() > cache.max_len:
         i = int(end.argmax())
         raise ValueError(
@@ -38,8 +48,10 @@ def prefill(model, tokens, cache: DecodeCache, lengths=None):
             f"cache (max_len={cache.max_len})"
         )
     if model.mesh is not None:
-        return _sharded_chunk(model)(model.state, tokens, cache, jnp.asarray(lengths))
-    return _chunk(model.graphdef, model.state, tokens, cache, jnp.asarray(lengths))
+        logits, new = _sharded_chunk(model)(model.state, tokens, cache, jnp.asarray(lengths))
+    else:
+        logits, new = _chunk(model.graphdef, model.state, tokens, cache, jnp.asarray(lengths))
+    return logits, dataclasses.replace(new, host_pos=end.astype(np.int32))
 
 
 def _sharded_chunk(model):
@@ -61,7 +73,7 @@ def _sharded_chunk(model):
 
 def decode_step(model, tokens, cache: DecodeCache):
     """One new token per sequence [B] -> (logits [B, V], updated cache)."""
-    t = jnp.asarray(tokens)
+    t = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
     if t.ndim != 1:
         raise ValueError(f"decode_step takes one token per sequence [B], got shape {t.shape}")
     return prefill(model, t[:, None], cache)
