@@ -24,6 +24,7 @@ __all__ = [
     "from_json",
     "layer_plan",
     "pro",
+    "small",
     "tiny",
     "ConfigError",
 ]
@@ -232,6 +233,37 @@ def pro() -> ModelConfig:
         index_topk=1024,
         compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0),
     )
+
+
+def small(**changes: Any) -> ModelConfig:
+    """A ~38M-parameter V4 with the official 129,280-token vocabulary and every component on
+    (window-only, CSA with its lightning indexer, HCA, hash-routed and scored MoE, mHC, the MTP
+    block): the CPU training demo (`scripts/train.py --preset small`) and the model speculative
+    decoding is measured on. Most parameters are the embedding and the head (2 x 16.5M)."""
+    base: dict[str, Any] = dict(
+        vocab_size=129280,
+        dim=128,
+        num_layers=4,
+        num_hash_layers=1,
+        num_heads=4,
+        head_dim=128,
+        rope_head_dim=64,
+        q_lora_rank=128,
+        o_groups=2,
+        o_lora_rank=64,
+        window_size=64,
+        compress_ratios=(0, 4, 128, 4, 0),
+        num_experts=8,
+        experts_per_token=2,
+        moe_inter_dim=256,
+        index_heads=4,
+        index_head_dim=64,
+        index_topk=16,
+        original_seq_len=256,
+        max_position_embeddings=4096,
+    )
+    base.update(changes)
+    return ModelConfig(**base)
 
 
 def tiny(*, compress_ratios: tuple[int, ...] = (0, 4, 128, 4, 0), **changes: Any) -> ModelConfig:
