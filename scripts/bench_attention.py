@@ -1,7 +1,14 @@
 """Sparse-attention forward: Pallas kernel vs the jnp reference (XLA) vs dense attention with a
 mask, side by side at V4 shapes, each against the op's floor. Writes JSON.
 
-    .venv/bin/python scripts/bench_attention.py [--small] [--json PATH] [--batch B]
+    .venv/bin/python scripts/bench_attention.py [--small] [--json PATH] [--batch B] [--backward]
+
+`--backward`: forward + backward (one `jax.vjp` and its pullback: dq, dkv, dsink) at the
+prefill (training) shapes: Pallas kernel forward + backward vs the reference with its jnp
+backward (`reference_bwd.py`) vs plain autodiff of the reference, all under XLA otherwise.
+FLOPs = 14 H D per valid entry (forward QK, PV; backward QK again, dO.V, dS.K, dS^T.Q, P^T.dO),
+against the measured matmul rate. `err` = the largest max|grad - reference grad| / max|reference
+grad| over the three gradients.
 
 Shapes (head dim 512, bf16): Flash = 64 heads, top-512; Pro = 128 heads, top-1024; every query
 attends to its 128-token window plus its top-k compressed entries (a CSA layer, ratio 4).
@@ -33,7 +40,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from v4jax.kernels.sparse_attention import BlockSizes, sparse_attention
+from v4jax.kernels.sparse_attention import BackwardBlockSizes, BlockSizes, sparse_attention
+from v4jax.kernels.sparse_attention.reference import sparse_attention_reference
 
 DATASHEET = {  # bytes/s, bf16 dense FLOP/s (performance.md)
     "H100": (3.35e12, 989e12),
@@ -43,6 +51,12 @@ GPU_VARIANTS = [  # (heads, num_warps, num_stages); None = the default for the s
     None,
     BlockSizes(heads=64, num_warps=8, num_stages=3),
     BlockSizes(heads=32, num_warps=8, num_stages=2),
+]
+GPU_BWD_VARIANTS = [  # backward (rows, heads, num_warps); None = 32 rows x 32 heads x 8 warps
+    None,
+    BackwardBlockSizes(rows=16, heads=16, num_warps=4),
+    BackwardBlockSizes(rows=32, heads=16, num_warps=4),
+    BackwardBlockSizes(rows=16, heads=32, num_warps=4),
 ]
 
 
@@ -236,6 +250,76 @@ def run_shape(sh: Shape, ceil: dict, small: bool, reps: int) -> list[dict]:
     return rows
 
 
+def _vjp_fn(op):
+    """(q, kv, idx, sink, g) -> (dq, dkv, dsink) of `op(q, kv, idx, sink)`: forward + backward."""
+
+    def run(q, kv, idx, sink, g):
+        return jax.vjp(lambda q, kv, sink: op(q, kv, idx, sink), q, kv, sink)[1](g)
+
+    return jax.jit(run)
+
+
+def _bwd_impls(small: bool, scale: float) -> dict[str, tuple]:
+    """name -> (fwd+bwd function, timed); the first is the accuracy reference."""
+    run = functools.partial(sparse_attention, scale=scale)
+    out = {
+        "reference": (_vjp_fn(functools.partial(run, implementation="reference")), True),
+        "autodiff": (_vjp_fn(functools.partial(sparse_attention_reference, scale=scale)), True),
+    }
+    if small:
+        kernel = functools.partial(run, implementation="pallas", interpret=True)
+        return {**out, "pallas (interpreted)": (_vjp_fn(kernel), False)}
+    variants = GPU_BWD_VARIANTS if jax.default_backend() == "gpu" else [None]
+    for v in variants:
+        tag = "" if v is None else f" bwd r{v.rows}h{v.heads}w{v.num_warps}"
+        op = functools.partial(run, implementation="pallas", backward_blocks=v)
+        out["pallas" + tag] = (_vjp_fn(op), True)
+    return out
+
+
+def _grad_err(got, ref) -> float:
+    return max(_rel_err(x, r) for x, r in zip(got, ref, strict=True))
+
+
+def backward_floor(sh: Shape, valid: int, ceil: dict) -> dict:
+    """Forward + backward: 14 H D FLOPs per valid entry; bytes: the pool read twice, q, o,
+    dO and dq once each (bf16), dkv written once in fp32."""
+    act = sh.b * sh.s * sh.h * sh.d * 2
+    nbytes = 2 * sh.b * sh.n * sh.d * 2 + 4 * act + sh.b * sh.n * sh.d * 4
+    flops = 14 * sh.h * sh.d * valid
+    t_mem, t_mac = nbytes / ceil["bandwidth"], flops / ceil["flops"]
+    return dict(bytes=nbytes, flops=flops, t_mem=t_mem, t_compute=t_mac, t_floor=max(t_mem, t_mac))
+
+
+def run_shape_backward(sh: Shape, ceil: dict, small: bool, reps: int) -> list[dict]:
+    scale = sh.d**-0.5
+    kv = make_pool(sh)
+    arg_sets = []
+    for seed in range(1 if small else 2):
+        q, idx, sink = make_queries(sh, seed)
+        g = jax.random.normal(jax.random.key(2000 + seed), q.shape, q.dtype)
+        arg_sets.append((q, kv, idx, sink, g))
+    valid = int(jnp.sum(arg_sets[0][2] >= 0))
+    fl = backward_floor(sh, valid, ceil)
+    base = dict(shape=dataclasses.asdict(sh), name=sh.name, valid_entries=valid, **fl)
+    rows, ref = [], None
+    for impl, (fn, timed) in _bwd_impls(small, scale).items():
+        row = dict(base, impl=impl, mode="backward")
+        try:
+            out = fn(*arg_sets[0])
+            ref = out if impl == "reference" else ref
+            row["rel_err"] = None if ref is None else _grad_err(out, ref)
+            del out
+            if timed:
+                t = median_time(fn, arg_sets, reps, budget_s=1.0 if small else 3.0)
+                row.update(time_s=t, fraction=fl["t_floor"] / t, tflops=fl["flops"] / t / 1e12)
+                row["gbps"] = fl["bytes"] / t / 1e9
+        except Exception as e:  # e.g. the reference's [S, K, D] gathers at long prefill
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+    return rows
+
+
 def _line(r: dict) -> str:
     head = f"{r['name']:38s} {r['impl']:22s}"
     err = "" if r.get("rel_err") is None else f"  err {r['rel_err']:.1e}"
@@ -257,6 +341,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="decode sequences")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--only", default=None, help="substring filter on shape names")
+    ap.add_argument("--backward", action="store_true", help="fwd+bwd at the prefill shapes")
     a = ap.parse_args()
     backend = jax.default_backend()
     small = a.small or backend == "cpu"
@@ -271,9 +356,10 @@ def main() -> None:
     print("err = max|out - reference| / max|reference| (1 bf16 ulp of the scale: 3.9e-3..7.8e-3)")
     rows = []
     for sh in shapes(small, a.batch):
-        if a.only and a.only not in sh.name:
+        if (a.only and a.only not in sh.name) or (a.backward and sh.mode != "prefill"):
             continue
-        for r in run_shape(sh, ceil, small, reps):
+        run = run_shape_backward if a.backward else run_shape
+        for r in run(sh, ceil, small, reps):
             print(_line(r), flush=True)
             rows.append(r)
     meta = dict(
@@ -282,6 +368,7 @@ def main() -> None:
         jax=jax.__version__,
         host=platform.node(),
         small=small,
+        mode="backward" if a.backward else "forward",
         ceilings=ceil,
     )
     with open(a.json, "w") as f:

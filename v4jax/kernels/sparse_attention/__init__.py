@@ -12,22 +12,37 @@ sink logit in the denominator. `implementation`:
   tests). `interpret=True/False` overrides the interpreter choice.
 - `"auto"`: the kernel on GPU and TPU, the reference on CPU.
 
-The kernels are forward-only; their gradient is the reference's (`jax.custom_vjp`), so
-`"auto"` stays usable for training. Under a mesh, call the op inside `jax.shard_map` (the
-kernels see one device's tokens and heads; GSPMD cannot partition a Pallas call).
+Gradients (`jax.custom_vjp`, all implementations): the forward saves its output and each
+softmax's log-sum-exp; the backward is `reference_bwd.py` (the pure-jnp specification) for
+`"reference"` and the backend's backward kernel for `"pallas"` (`pallas_gpu_bwd.py`,
+`pallas_tpu_bwd.py`), so training runs kernel forward + kernel backward. `idx` gets no
+gradient. Forward-mode differentiation (`jax.jvp`) is not defined. Under a mesh, call the op
+inside `jax.shard_map` (the kernels see one device's tokens and heads; GSPMD cannot partition
+a Pallas call).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from v4jax.kernels.sparse_attention.blocks import BlockSizes
-from v4jax.kernels.sparse_attention.reference import sparse_attention_reference
+from v4jax.kernels.sparse_attention.blocks import BackwardBlockSizes, BlockSizes
+from v4jax.kernels.sparse_attention.reference import reference_forward
+from v4jax.kernels.sparse_attention.reference_bwd import (
+    backward_stats,
+    sparse_attention_reference_bwd,
+)
 
-__all__ = ["sparse_attention", "IMPLEMENTATIONS", "BlockSizes", "resolve_implementation"]
+__all__ = [
+    "sparse_attention",
+    "IMPLEMENTATIONS",
+    "BlockSizes",
+    "BackwardBlockSizes",
+    "resolve_implementation",
+]
 
 IMPLEMENTATIONS = ("reference", "pallas", "auto")
 _KERNEL_BACKENDS = ("gpu", "tpu")
@@ -53,43 +68,74 @@ def sparse_attention(
     implementation: str = "auto",
     interpret: bool | None = None,
     blocks: BlockSizes | None = None,
+    backward_blocks: BackwardBlockSizes | None = None,
 ) -> jnp.ndarray:  # [B, S, H, D] in q.dtype
     """Softmax(q . kv[idx] * scale with a per-head sink) @ kv[idx], per query token.
 
     `interpret` (kernels only): None = the interpreter exactly when the default backend is
-    neither GPU nor TPU. `blocks`: kernel tiling (`blocks.py`; defaults per backend and shape).
+    neither GPU nor TPU. `blocks`, `backward_blocks`: kernel tiling of the forward and the
+    backward (`blocks.py`; defaults per backend and shape).
     """
     _check(q, kv, idx, sink)
     if resolve_implementation(implementation) == "reference":
-        return sparse_attention_reference(q, kv, idx, sink, scale=scale)
+        return _op(q, kv, idx, sink, float(scale), _Config("reference"))
     backend = jax.default_backend()
     if interpret is None:
         interpret = backend not in _KERNEL_BACKENDS
     kernel = "tpu" if backend == "tpu" else "gpu"
-    return _pallas(q, kv, idx, sink, float(scale), kernel, bool(interpret), blocks)
+    cfg = _Config(kernel, bool(interpret), blocks, backward_blocks)
+    return _op(q, kv, idx, sink, float(scale), cfg)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _pallas(q, kv, idx, sink, scale, kernel, interpret, blocks):
-    if kernel == "tpu":
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The static part of one call: which forward/backward pair, and its tiling."""
+
+    kernel: str  # reference | gpu | tpu
+    interpret: bool = False
+    blocks: BlockSizes | None = None
+    backward_blocks: BackwardBlockSizes | None = None
+
+
+def _forward(q, kv, idx, sink, scale, cfg: _Config, return_lse: bool):
+    if cfg.kernel == "reference":
+        o, lse = reference_forward(q, kv, idx, sink, scale=scale)
+        return (o, lse) if return_lse else o
+    if cfg.kernel == "tpu":
         from v4jax.kernels.sparse_attention.pallas_tpu import sparse_attention_tpu as fn
     else:
         from v4jax.kernels.sparse_attention.pallas_gpu import sparse_attention_gpu as fn
-    return fn(q, kv, idx, sink, scale=scale, blocks=blocks, interpret=interpret)
+    kw = dict(scale=scale, blocks=cfg.blocks, interpret=cfg.interpret, return_lse=return_lse)
+    return fn(q, kv, idx, sink, **kw)
 
 
-def _pallas_fwd(q, kv, idx, sink, scale, kernel, interpret, blocks):
-    return _pallas(q, kv, idx, sink, scale, kernel, interpret, blocks), (q, kv, idx, sink)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _op(q, kv, idx, sink, scale, cfg):
+    return _forward(q, kv, idx, sink, scale, cfg, return_lse=False)
 
 
-def _pallas_bwd(scale, kernel, interpret, blocks, res, g):
-    q, kv, idx, sink = res
-    ref = lambda q, kv, sink: sparse_attention_reference(q, kv, idx, sink, scale=scale)
-    dq, dkv, dsink = jax.vjp(ref, q, kv, sink)[1](g)
+def _op_fwd(q, kv, idx, sink, scale, cfg):
+    o, lse = _forward(q, kv, idx, sink, scale, cfg, return_lse=True)
+    return o, (q, kv, idx, sink, o, lse)
+
+
+def _op_bwd(scale, cfg, res, g):
+    q, kv, idx, sink, o, lse = res
+    delta, dsink = backward_stats(o, g, sink, lse)
+    args = (q, kv, idx, lse, delta, g)
+    if cfg.kernel == "reference":
+        dq, dkv = sparse_attention_reference_bwd(*args, scale=scale)
+    else:
+        if cfg.kernel == "tpu":
+            from v4jax.kernels.sparse_attention.pallas_tpu_bwd import sparse_attention_tpu_bwd as fn
+        else:
+            from v4jax.kernels.sparse_attention.pallas_gpu_bwd import sparse_attention_gpu_bwd as fn
+        kw = dict(scale=scale, blocks=cfg.backward_blocks, interpret=cfg.interpret)
+        dq, dkv = fn(*args, **kw)
     return dq, dkv, None, dsink
 
 
-_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+_op.defvjp(_op_fwd, _op_bwd)
 
 
 def _check(q, kv, idx, sink) -> None:

@@ -5,6 +5,9 @@
 changes only between blocks. Every backend updates its online softmax once per 64 entries so it
 rounds exactly where the reference (`reference.py`, `block=64`) does.
 
+The backward has no online softmax (it normalises with the forward's log-sum-exp), so its row
+block is a free tuning knob (`BackwardBlockSizes`).
+
 Notation (`v4-architecture.md` 3.1): H query heads, D head dim (512 in V4), K index-list entries
 per query token.
 """
@@ -13,7 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["SOFTMAX_BLOCK", "BlockSizes", "gpu_block_sizes", "tpu_block_sizes"]
+__all__ = [
+    "SOFTMAX_BLOCK",
+    "BlockSizes",
+    "BackwardBlockSizes",
+    "gpu_block_sizes",
+    "tpu_block_sizes",
+    "gpu_backward_block_sizes",
+    "tpu_backward_block_sizes",
+]
 
 SOFTMAX_BLOCK = 64
 
@@ -74,3 +85,51 @@ def tpu_block_sizes(num_heads: int, head_dim: int) -> BlockSizes:
     del head_dim
     heads = max(16, 1 << (num_heads - 1).bit_length())
     return BlockSizes(rows=2 * SOFTMAX_BLOCK, heads=heads)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BackwardBlockSizes:
+    """Tiling of one backward launch (`pallas_gpu_bwd.py`, `pallas_tpu_bwd.py`).
+
+    rows: index-list entries gathered per loop step, a power of two >= 16 (`tl.dot`'s smallest
+        dimension). Not numerics: the backward has no running max.
+    heads: query heads per program, a power of two >= 16 (GPU: the M dimension of the dq and
+        score products and the contraction of the dkv products); heads are zero-padded.
+    num_warps, num_stages: Triton launch parameters (GPU only).
+    """
+
+    rows: int = 32
+    heads: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if not _pow2(self.rows) or self.rows < 16:
+            raise ValueError(f"rows={self.rows}: expected a power of two >= 16")
+        if not _pow2(self.heads) or self.heads < 16:
+            raise ValueError(f"heads={self.heads}: expected a power of two >= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"num_warps={self.num_warps}, num_stages={self.num_stages}")
+
+
+def gpu_backward_block_sizes(num_heads: int, head_dim: int) -> BackwardBlockSizes:
+    """Triton defaults for the backward: 32 rows x up to 32 heads per program.
+
+    A program holds two fp32 accumulators the forward does not have: dq [heads, D] across the
+    loop and the per-step dkv contribution [rows, D]; at D = 512 each is 64 KB for 32 x 512, so
+    32 x 32 with 8 warps is about what fits registers (the forward's 64 heads would double dq).
+    Smaller head dims take the same blocks with 4 warps. Compiled on the host for sm_90
+    (`tests/test_sparse_attention_grad.py` records shared memory and spills); timed on a GPU
+    by `scripts/bench_attention.py --backward`.
+    """
+    heads = min(32, max(16, 1 << (num_heads - 1).bit_length()))
+    warps = 8 if heads * head_dim >= 32 * 512 else 4
+    return BackwardBlockSizes(rows=32, heads=heads, num_warps=warps, num_stages=2)
+
+
+def tpu_backward_block_sizes(num_heads: int, head_dim: int) -> BackwardBlockSizes:
+    """Mosaic TPU defaults: all heads in one program (as the forward), 128 rows per step (one
+    lane tile of the [H, rows] score matrix)."""
+    del head_dim
+    heads = max(16, 1 << (num_heads - 1).bit_length())
+    return BackwardBlockSizes(rows=128, heads=heads)

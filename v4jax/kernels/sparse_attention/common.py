@@ -13,6 +13,8 @@ The product of the per-block rescales telescopes to the reference's `exp(m_block
 factor, so the two differ only in fp32 summation order. A max that is still -inf (no valid
 entry yet) is replaced by 0 where it is subtracted, as in the reference: the probabilities of
 such a block are all 0 and a query with no valid entry returns 0 (the sink alone).
+`log_sum_exp` is the statistic the backward needs (`reference_bwd.py`): log(l + exp(sink - m))
++ m, the sink included; a query with no valid entry gets the sink.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["HI", "pad_inputs", "scores", "online_update", "finish"]
+__all__ = ["HI", "pad_inputs", "scores", "online_update", "finish", "log_sum_exp"]
 
 HI = jax.lax.Precision.HIGHEST  # fp32 operands: true fp32 (not tf32); bf16 operands: bf16 MMA
 _NT = (((1,), (1,)), ((), ()))  # [M, D] x [N, D] -> [M, N]
@@ -64,3 +66,9 @@ def online_update(m, l, acc, s, rows, dtype):
 def finish(m, l, acc, sink):
     """o = acc / (l + exp(sink - m)); sink [H, 1] fp32 logits. Rows with no entry give 0."""
     return acc / (l + jnp.exp(sink - _drop_inf(m)))
+
+
+def log_sum_exp(m, l, sink):
+    """[H, 1] fp32: m + log(l + exp(sink - m)) with the same -inf -> 0 rule as `finish`."""
+    m = _drop_inf(m)
+    return m + jnp.log(l + jnp.exp(sink - m))

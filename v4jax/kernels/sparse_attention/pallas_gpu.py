@@ -42,15 +42,21 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from v4jax.kernels.sparse_attention.blocks import SOFTMAX_BLOCK, BlockSizes, gpu_block_sizes
-from v4jax.kernels.sparse_attention.common import finish, online_update, pad_inputs, scores
+from v4jax.kernels.sparse_attention.common import (
+    finish,
+    log_sum_exp,
+    online_update,
+    pad_inputs,
+    scores,
+)
 
 __all__ = ["sparse_attention_gpu"]
 
 
 def _kernel(q_ref, kv_ref, idx_ref, sink_ref, *rest, scale: float, steps: int):
     """q_ref [Hb, D], kv_ref [N, D] (this sequence's pool), idx_ref [Kp], sink_ref [Hb, 1];
-    rest = ([a poisoned buffer aliased to the output,] o_ref [Hb, D])."""
-    o_ref = rest[-1]
+    rest = ([a poisoned buffer aliased to the output,] o_ref [Hb, D], lse_ref [Hb, 1])."""
+    o_ref, lse_ref = rest[-2:]
     q = q_ref[...]
     hb, d = q.shape
     r = SOFTMAX_BLOCK
@@ -73,6 +79,7 @@ def _kernel(q_ref, kv_ref, idx_ref, sink_ref, *rest, scale: float, steps: int):
     )
     m, l, acc = jax.lax.fori_loop(0, steps, block, init)
     o_ref[...] = finish(m, l, acc, sink_ref[...]).astype(o_ref.dtype)
+    lse_ref[...] = log_sum_exp(m, l, sink_ref[...])
 
 
 def sparse_attention_gpu(
@@ -85,9 +92,11 @@ def sparse_attention_gpu(
     blocks: BlockSizes | None = None,
     interpret: bool = False,
     poison: bool = False,
-) -> jnp.ndarray:  # [B, S, H, D] in q.dtype
+    return_lse: bool = False,
+) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:  # [B, S, H, D] in q.dtype[, [B, S, H] f32]
     """The Triton kernel; `interpret=True` runs it in Pallas' generic interpreter (any host).
-    `poison=True` (tests): the output buffer starts as NaN, so unwritten elements show."""
+    `poison=True` (tests): the output buffer starts as NaN, so unwritten elements show.
+    `return_lse=True`: also each softmax's log-sum-exp (sink included), for the backward."""
     b, s, h, d = q.shape
     n = kv.shape[1]
     blocks = blocks or gpu_block_sizes(h, d)
@@ -115,12 +124,15 @@ def sparse_attention_gpu(
     ]
     if poison:
         args, specs = [*args, jnp.full(q.shape, jnp.nan, q.dtype)], [*specs, head_block]
-    out = pl.pallas_call(
+    out, lse = pl.pallas_call(
         functools.partial(_kernel, scale=scale, steps=kp // SOFTMAX_BLOCK),
         grid=(b * s * g,),
         in_specs=specs,
-        out_specs=head_block,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=[head_block, pl.BlockSpec((None, None, hb, 1), head_block.index_map)],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, s, hp, 1), jnp.float32),
+        ],
         input_output_aliases={4: 0} if poison else {},
         compiler_params=plt.CompilerParams(
             num_warps=blocks.num_warps, num_stages=blocks.num_stages
@@ -128,4 +140,4 @@ def sparse_attention_gpu(
         interpret=interpret,
         name="v4_sparse_attention_fwd",
     )(*args)
-    return out[:, :, :h]
+    return (out[:, :, :h], lse[:, :, :h, 0]) if return_lse else out[:, :, :h]

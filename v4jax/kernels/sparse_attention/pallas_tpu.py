@@ -29,7 +29,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from v4jax.kernels.sparse_attention.blocks import SOFTMAX_BLOCK, BlockSizes, tpu_block_sizes
-from v4jax.kernels.sparse_attention.common import finish, online_update, pad_inputs, scores
+from v4jax.kernels.sparse_attention.common import (
+    finish,
+    log_sum_exp,
+    online_update,
+    pad_inputs,
+    scores,
+)
 
 __all__ = ["sparse_attention_tpu"]
 
@@ -41,6 +47,7 @@ def _kernel(
     q_ref,  # [Hp, D]
     kv_hbm,  # [B, N, D] (HBM, whole pool)
     o_ref,  # [Hp, D]
+    lse_ref,  # [Hp, 1] f32
     buf,  # [2, R, D] gathered rows, double-buffered
     sem,  # DMA semaphores [2]
     m_ref,  # [Hp, 1] f32
@@ -95,6 +102,7 @@ def _kernel(
 
     jax.lax.fori_loop(0, steps, step, 0)
     o_ref[...] = finish(m_ref[...], l_ref[...], acc_ref[...], sink_ref[...]).astype(o_ref.dtype)
+    lse_ref[...] = log_sum_exp(m_ref[...], l_ref[...], sink_ref[...])
 
 
 def sparse_attention_tpu(
@@ -106,8 +114,10 @@ def sparse_attention_tpu(
     scale: float,
     blocks: BlockSizes | None = None,
     interpret: bool | pltpu.InterpretParams = False,
-) -> jnp.ndarray:  # [B, S, H, D] in q.dtype
-    """The Mosaic TPU kernel; `interpret=True` runs it in the TPU interpreter (any host)."""
+    return_lse: bool = False,
+) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:  # [B, S, H, D] q.dtype[, [B, S, H] f32]
+    """The Mosaic TPU kernel; `interpret=True` runs it in the TPU interpreter (any host).
+    `return_lse=True`: also each softmax's log-sum-exp (sink included), for the backward."""
     b, s, h, d = q.shape
     blocks = blocks or tpu_block_sizes(h, d)
     if interpret is True:
@@ -115,7 +125,7 @@ def sparse_attention_tpu(
     q, idx, sink = pad_inputs(q, idx, sink, heads=blocks.heads, rows=blocks.rows)
     hp, kp = q.shape[2], idx.shape[2]
     tok = lambda i, t: (i, t, 0, 0)
-    return pl.pallas_call(
+    out, lse = pl.pallas_call(
         functools.partial(_kernel, scale=scale, steps=kp // blocks.rows),
         grid=(b, s),
         in_specs=[
@@ -125,8 +135,14 @@ def sparse_attention_tpu(
             pl.BlockSpec((None, None, hp, d), tok),
             pl.BlockSpec(memory_space=pl.ANY),
         ],
-        out_specs=pl.BlockSpec((None, None, hp, d), tok),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=[
+            pl.BlockSpec((None, None, hp, d), tok),
+            pl.BlockSpec((None, None, hp, 1), tok),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, s, hp, 1), jnp.float32),
+        ],
         scratch_shapes=[
             pltpu.VMEM((2, blocks.rows, d), kv.dtype),
             pltpu.SemaphoreType.DMA((2,)),
@@ -137,4 +153,5 @@ def sparse_attention_tpu(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
         name="v4_sparse_attention_fwd",
-    )(idx[:, :, None, :], idx[:, :, None, :], sink[:, None], q, kv)[:, :, :h]
+    )(idx[:, :, None, :], idx[:, :, None, :], sink[:, None], q, kv)
+    return (out[:, :, :h], lse[:, :, :h, 0]) if return_lse else out[:, :, :h]

@@ -6,6 +6,9 @@ official `sparse_attn_kernel`: scores in float32, an online softmax over 64-wide
 index list whose running max excludes the sink, probabilities rounded to the query dtype
 before the P.V product, float32 row sums of the unrounded probabilities, and the sink adding
 `exp(sink - max)` to the denominator only.
+
+`reference_forward` also returns the log-sum-exp of each softmax (sink included), the one
+statistic the backward (`reference_bwd.py`) needs; the output is the same computation.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sparse_attention_reference"]
+__all__ = ["sparse_attention_reference", "reference_forward"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -27,6 +30,20 @@ def sparse_attention_reference(
     scale: float,
     block: int = 64,
 ) -> jnp.ndarray:  # [B, S, H, D] in q.dtype
+    return reference_forward(q, kv, idx, sink, scale=scale, block=block)[0]
+
+
+def reference_forward(
+    q: jnp.ndarray,  # [B, S, H, D]
+    kv: jnp.ndarray,  # [B, N, D]
+    idx: jnp.ndarray,  # [B, S, K] int32, -1 = none
+    sink: jnp.ndarray,  # [H]
+    *,
+    scale: float,
+    block: int = 64,
+) -> tuple[jnp.ndarray, jnp.ndarray]:  # o [B, S, H, D] in q.dtype, lse [B, S, H] float32
+    """The reference forward and log(sum_j exp(s_j) + exp(sink)) per (token, head); a query
+    with no valid entry gets lse = sink (its denominator is the sink alone)."""
     b, s, h, d = q.shape
     k = idx.shape[-1]
     valid = idx >= 0
@@ -47,4 +64,4 @@ def sparse_attention_reference(
     denom = denom + jnp.exp(sink.astype(jnp.float32) - safe(m_fin[..., 0]))
     w = (p_cast * factor[..., None]).reshape(b, s, h, nb * block)[..., :k]
     o = jnp.einsum("bshk,bskd->bshd", w, rows, precision=_HI) / denom[..., None]
-    return o.astype(q.dtype)
+    return o.astype(q.dtype), safe(m_fin[..., 0]) + jnp.log(denom)
