@@ -2,12 +2,19 @@
 compressed entries (CSA: indexer top-k; HCA: all complete entries), one softmax with a sink,
 de-rotated output and the grouped low-rank output projection.
 
-`__call__` is the full-sequence form (tokens at positions 0 .. S-1). The pieces (`queries`,
-`window_kv`, `output`) are public so the decode loop can drive them with its cache.
+`__call__` is the full-sequence form (tokens at positions 0 .. S-1); `forward_train` is the
+same with the lightning indexer's training stages and KL (training-and-serving.md A.6). The
+pieces (`queries`, `window_kv`, `output`) are public so the decode loop can drive them with its
+cache. `wo_a` is rounded to bf16 as the reference does (bf16 activations only: a float32
+forward keeps the float32 weight, which the release's FP8 values fit exactly) with a
+straight-through gradient, so a float32 master's gradient is never rounded.
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -15,9 +22,10 @@ from flax import nnx
 from v4jax.config import Attn, ModelConfig
 from v4jax.kernels.sparse_attention import sparse_attention
 from v4jax.model.compressor import Compressor, quant_kv_nope
-from v4jax.model.indexer import Indexer
+from v4jax.model.indexer import Indexer, indexer_kl
 from v4jax.model.layers import (
     F32,
+    HI,
     Linear,
     RMSNorm,
     act_einsum,
@@ -27,6 +35,8 @@ from v4jax.model.layers import (
     rope,
 )
 from v4jax.numerics import Precision
+
+INDEXER_STAGES = ("off", "dense", "sparse")
 
 
 class Attention(nnx.Module):
@@ -77,37 +87,95 @@ class Attention(nnx.Module):
         b, s = o.shape[:2]
         o = o.reshape(b, s, c.o_groups, -1).astype(F32)  # [B, S, G, H*K/G]
         wa = dequant("fp8", self.wo_a.weight[...], self.wo_a.scale)
-        wa = wa.astype(jnp.bfloat16).astype(F32).reshape(c.o_groups, c.o_lora_rank, -1)
+        if self.prec.dtype != jnp.dtype(F32):  # the reference's bf16 wo_a (spec 3.1 step 8)
+            wa = round_straight_through(wa, jnp.bfloat16)
+        wa = wa.reshape(c.o_groups, c.o_lora_rank, -1)
         z = act_einsum("bsgi,gri->bsgr", o, wa, self.prec).astype(self.prec.dtype)
         return self.wo_b(z.reshape(b, s, -1))
 
     # ---- full sequence from position 0 ----
     def __call__(self, u: jnp.ndarray) -> jnp.ndarray:
+        return self.forward_train(u, "off")[0]
+
+    def forward_train(self, u: jnp.ndarray, indexer: str = "off"):
+        """u [B, S, D] -> (output [B, S, D], (indexer KL summed over queries, queries) float32).
+
+        `indexer` (CSA layers; training-and-serving.md A.6): "off" = inference, no KL;
+        "dense" = warm-up: attention over every visible entry, the indexer scored against it;
+        "sparse" = attention over the indexer's top-k, KL over the picked entries. In both
+        training stages the indexer reads detached inputs and the KL target is detached, so
+        the indexer learns from the KL only and the rest of the model never sees it.
+        """
+        if indexer not in INDEXER_STAGES:
+            raise ValueError(f"indexer={indexer!r}: expected one of {INDEXER_STAGES}")
         b, s, _ = u.shape
         pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         qr, q = self.queries(u, pos)
         pool = self.window_kv(u, pos)
         win = prefill_window_idx(s, self.cfg.window_size)  # [S, W]
         idx = jnp.broadcast_to(win, (b, *win.shape))
+        kl = (jnp.zeros((), F32), jnp.zeros((), F32))
         if self.ratio:
             entries = self.compressor(u)  # [B, C, K]
             n = entries.shape[1]
-            visible = entry_visible(jnp.arange(s), n, self.ratio)  # [S, C]
-            if self.indexer is not None:
-                keys = self.indexer.compressor(u)
-                vis = jnp.broadcast_to(visible, (b, s, n))
-                comp = self.indexer(u, qr, pos, keys, vis)
-            else:
-                comp = jnp.broadcast_to(jnp.where(visible, jnp.arange(n), -1), (b, s, n))
+            vis = jnp.broadcast_to(entry_visible(jnp.arange(s), n, self.ratio), (b, s, n))
+            every = jnp.where(vis, jnp.arange(n), -1)
+            comp, scores = every, None
+            if self.indexer is not None and indexer == "off":
+                comp = self.indexer(u, qr, pos, self.indexer.compressor(u), vis)
+            elif self.indexer is not None and n:
+                ix, (ud, qd) = self.indexer, (jax.lax.stop_gradient(a) for a in (u, qr))
+                scores = ix.scores(ud, ix.queries(qd, pos), ix.compressor(ud))
+                comp = every if indexer == "dense" else ix.select(scores, vis)
             idx = jnp.concatenate([idx, jnp.where(comp >= 0, comp + s, -1)], axis=-1)
             pool = jnp.concatenate([pool, entries], axis=1)
-        return self.output(q, pool, idx.astype(jnp.int32), pos)
+            if scores is not None:
+                kl = self._indexer_kl(q, pool, idx, comp, scores)
+        return self.output(q, pool, idx.astype(jnp.int32), pos), kl
+
+    def _indexer_kl(self, q, pool, idx, comp, scores):
+        """KL(p || softmax(index scores)) over the entries `comp` [B, S, k] of each query:
+        p = this layer's attention probabilities of those entries (the sink and the window in
+        the denominator, as the attention uses them), summed over heads (detached)."""
+        sg = jax.lax.stop_gradient
+        probs = attention_probs(sg(q), sg(pool), idx, sg(self.attn_sink[...]), self.cfg)
+        mass = jnp.sum(probs[..., -comp.shape[-1] :], axis=2)  # [B, S, k]
+        logits = jnp.take_along_axis(scores, jnp.maximum(comp, 0), axis=-1)
+        return indexer_kl(sg(mass), logits, comp >= 0)
 
     def _freqs(self) -> np.ndarray:
         return np.asarray(self.freqs, np.float32)
 
     def _impl(self) -> str:
         return self.kernels  # the op resolves "auto" by backend (kernels on GPU / TPU)
+
+
+def attention_probs(q, pool, idx, sink, cfg: ModelConfig) -> jnp.ndarray:
+    """The attention probabilities [B, S, H, K] of `sparse_attention` (rows pool[idx], -1 =
+    none; the sink in each head's denominator), float32."""
+    valid = idx >= 0
+    rows = jnp.take_along_axis(pool[:, None], jnp.maximum(idx, 0)[..., None], axis=2)
+    scores = jnp.einsum("bshd,bskd->bshk", q.astype(F32), rows.astype(F32), precision=HI)
+    scores = jnp.where(valid[:, :, None, :], scores * F32(cfg.head_dim**-0.5), -jnp.inf)
+    sink = jnp.broadcast_to(sink.astype(F32)[:, None], (*scores.shape[:-1], 1))
+    return jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+
+
+def round_straight_through(x: jnp.ndarray, dtype) -> jnp.ndarray:
+    """x rounded to `dtype` (returned float32) with an identity gradient: a float32 master
+    weight's gradient is not rounded with it (straight-through, training-and-serving.md A.7)."""
+    return straight_through(lambda a: a.astype(dtype).astype(F32), x.astype(F32))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def straight_through(fn, x):
+    """fn(x) with the identity as its derivative (fn: a hashable rounding of x)."""
+    return fn(x)
+
+
+@straight_through.defjvp
+def _straight_through_jvp(fn, primals, tangents):
+    return fn(primals[0]), tangents[0]
 
 
 def head_rms(q: jnp.ndarray, eps: float, prec: Precision) -> jnp.ndarray:

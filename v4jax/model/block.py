@@ -34,3 +34,18 @@ class Block(nnx.Module):
         y, post, comb = self.hc_ffn.pre(x)
         x = self.hc_ffn.post(self.ffn(self.ffn_norm(y), ids), x, post, comb)
         return constrain(x, STREAMS)
+
+    def forward_train(self, x: jnp.ndarray, ids: jnp.ndarray, indexer: str = "off"):
+        """`__call__` plus the block's training statistics (`v4jax.train.losses`): streams
+        [B, S, N, D] and {"counts": tokens per routed expert [E], "balance": the router's
+        sequence-wise balance term [], "kl" / "kl_queries": indexer KL summed over queries and
+        their number [] (0 outside CSA layers or with indexer="off")}."""
+        y, post, comb = self.hc_attn.pre(x)
+        a, (kl, nq) = self.attn.forward_train(self.attn_norm(y), indexer)
+        x = self.hc_attn.post(a, x, post, comb)
+        y, post, comb = self.hc_ffn.pre(x)
+        h = self.ffn_norm(y)
+        x = self.hc_ffn.post(self.ffn(h, ids), x, post, comb)
+        counts, balance = self.ffn.gate.stats(h, ids)
+        aux = {"counts": counts, "balance": balance, "kl": kl, "kl_queries": nq}
+        return constrain(x, STREAMS), aux

@@ -59,11 +59,32 @@ class Indexer(nnx.Module):
         `keys` [B, C, K] are the indexer's compressed keys, `visible` [B, S, C] the causal
         mask of entries (block complete at or before the query).
         """
-        c = keys.shape[1]
-        k = min(self.topk, c)
-        if k == 0:
+        if min(self.topk, keys.shape[1]) == 0:
             return jnp.zeros(u.shape[:2] + (0,), jnp.int32)
-        sc = jnp.where(visible, self.scores(u, self.queries(qr, pos), keys), -jnp.inf)
-        _, top = jax.lax.top_k(sc, k)  # ties: lower index first
+        return self.select(self.scores(u, self.queries(qr, pos), keys), visible)
+
+    def select(self, scores: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
+        """Index scores [B, S, C] -> the top-k visible entries [B, S, min(topk, C)] (-1 where
+        the pick is not visible)."""
+        k = min(self.topk, scores.shape[-1])
+        _, top = jax.lax.top_k(jnp.where(visible, scores, -jnp.inf), k)  # ties: lower first
         picked_ok = jnp.take_along_axis(visible, top, axis=-1)
         return jnp.where(picked_ok, top, -1).astype(jnp.int32)
+
+
+def indexer_kl(target: jnp.ndarray, logits: jnp.ndarray, valid: jnp.ndarray):
+    """sum_t KL(p_t || softmax(logits_t)) over a per-query entry set (training-and-serving.md
+    A.6): target [..., K] non-negative attention mass (p_t = target / sum), logits [..., K]
+    index scores, valid [..., K] the set. Returns (KL summed over the queries whose set holds
+    mass, number of those queries), in the inputs' float dtype."""
+    target = jnp.where(valid, target, 0.0)
+    total = jnp.sum(target, axis=-1, keepdims=True)
+    has = total[..., 0] > 0
+    p = target / jnp.where(total > 0, total, 1.0)
+    masked = jnp.where(valid, logits, -jnp.inf)
+    masked = jnp.where(jnp.any(valid, axis=-1, keepdims=True), masked, 0.0)  # no NaN rows
+    logq = jax.nn.log_softmax(masked, axis=-1)
+    logq = jnp.where(valid, logq, 0.0)
+    logp = jnp.log(jnp.where(p > 0, p, 1.0))
+    kl = jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
+    return jnp.sum(jnp.where(has, kl, 0.0)), jnp.sum(has).astype(kl.dtype)

@@ -152,15 +152,22 @@ class Linear(nnx.Module):
         return dequant(self.fmt, self.weight[...], getattr(self, "scale", None))
 
     def __call__(self, x: jnp.ndarray, *, out_dtype=None) -> jnp.ndarray:
-        x = x.astype(F32)
+        x = xq = x.astype(F32)
         if self.fmt != "bf16" and self.prec.simulate_quant:
-            x = fp8_quant_dequant(x, 128)
+            xq = fp8_quant_dequant(x, 128)
         w = self.dequantized()
-        y = mm(x, w) if self.fmt == "bf16" else mm_act(x, w, self.prec)  # bf16 fmt: fp32 islands
+        y = mm(xq, w) if self.fmt == "bf16" else mm_act(xq, w, self.prec)  # bf16: fp32 islands
+        if hasattr(self, "lora_a"):  # low-rank adapter (`v4jax.train.lora`): + s (x A^T) B^T
+            h = act_einsum("...i,ri->...r", x, self.lora_a[...], self.prec)  # [..., R]
+            y = y + self.lora_scale * act_einsum("...r,or->...o", h, self.lora_b[...], self.prec)
         return y.astype(out_dtype or self.prec.dtype)
 
 
 def dequant(fmt: str, w: jnp.ndarray, scale: nnx.Param | jnp.ndarray | None) -> jnp.ndarray:
+    """The float32 weight of a release-format leaf. A float32 leaf is a trainable master
+    (`v4jax.train.model`, already fake-quantised there under QAT): returned as is, scale unused."""
+    if w.dtype == F32:
+        return w
     s = scale[...] if isinstance(scale, nnx.Param) else scale
     if fmt == "fp8":
         return dequant_fp8_blocks(w, s)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from sharding import constraints
 from v4jax.config import ModelConfig
-from v4jax.model.experts import combine_weights, expert_sum, swiglu
+from v4jax.model.experts import routed_experts, swiglu
 from v4jax.model.layers import F32, Linear, mm, param
 from v4jax.model.moe_parallel import expert_parallel
 from v4jax.numerics import Precision
@@ -33,15 +33,44 @@ class Router(nnx.Module):
 
     def __call__(self, x: jnp.ndarray, ids: jnp.ndarray):
         """x [T, D], ids [T] -> weights [T, k] float32, expert ids [T, k] int32."""
-        logits = mm(x, self.weight[...])
-        scores = jnp.sqrt(jnp.where(logits > 20, logits, jnp.log1p(jnp.exp(logits))))
-        if self.hash_routed:
-            top = self.tid2eid[...][ids]
-        else:
-            _, top = jax.lax.top_k(scores + self.bias[...], self.k)
+        scores = self.scores(x)
+        top = self.select(scores, ids)
         w = jnp.take_along_axis(scores, top, axis=-1)
         w = w / jnp.sum(w, axis=-1, keepdims=True)
-        return w * F32(self.route_scale), top.astype(jnp.int32)
+        return w * F32(self.route_scale), top
+
+    def scores(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Affinities s = sqrt(softplus(x W^T)) [..., E] float32 (PyTorch softplus, threshold
+        20; the log1p branch is evaluated at min(logit, 20) so its gradient stays finite)."""
+        logits = mm(x, self.weight[...])
+        soft = jnp.log1p(jnp.exp(jnp.minimum(logits, 20.0)))
+        return jnp.sqrt(jnp.where(logits > 20, logits, soft))
+
+    def select(self, scores: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
+        """Expert ids [..., k] int32: tid2eid[ids] (hash layers) or top-k of scores + bias."""
+        if self.hash_routed:
+            return self.tid2eid[...][ids].astype(jnp.int32)
+        _, top = jax.lax.top_k(scores + self.bias[...], self.k)
+        return top.astype(jnp.int32)
+
+    def stats(self, x: jnp.ndarray, ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """x [B, S, D] (the MoE input), ids [B, S] -> (tokens routed to each expert [E],
+        sequence-wise balance term [], 0 for hash layers), float32 (`balance_stats`)."""
+        scores = self.scores(x)
+        counts, balance = self.balance_stats(scores, self.select(scores, ids))
+        return counts, jnp.zeros((), F32) if self.hash_routed else balance
+
+    @staticmethod
+    def balance_stats(scores: jnp.ndarray, top: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Affinities [B, S, E], picks [B, S, k] -> (tokens per expert [E], mean over sequences
+        of sum_i f_i P_i []) with f_i = E / (k S) * (picks of i in the sequence) and P_i =
+        mean over the sequence of s_i / sum_j s_j (DeepSeek-V3 2.1.2; training-and-serving.md
+        A.4). f carries no gradient, P does (through the affinities)."""
+        (_, s, e), k = scores.shape, top.shape[-1]
+        hits = jnp.sum(jax.nn.one_hot(top, e, dtype=scores.dtype), axis=-2)  # [B, S, E]
+        f = jnp.sum(hits, axis=1) * (e / (k * s))
+        p = jnp.mean(scores / jnp.sum(scores, axis=-1, keepdims=True), axis=1)
+        return jnp.sum(hits, axis=(0, 1)), jnp.mean(jnp.sum(f * p, axis=-1))
 
 
 class RoutedExperts(nnx.Module):
@@ -66,9 +95,10 @@ class RoutedExperts(nnx.Module):
         names = ("w1", "w1_scale", "w2", "w2_scale", "w3", "w3_scale")
         return tuple(getattr(self, n)[...] for n in names)
 
-    def __call__(self, x: jnp.ndarray, combine: jnp.ndarray) -> jnp.ndarray:
-        """x [T, D] (act dtype), combine [E, T] routing weights -> sum_e out_e [T, D] float32."""
-        return expert_sum(x, combine, self.weights(), self.fmt, self.prec, self.limit)
+    def __call__(self, x: jnp.ndarray, w: jnp.ndarray, top: jnp.ndarray) -> jnp.ndarray:
+        """x [T, D] (act dtype), routing weights w [T, k] of experts top [T, k] -> sum of the
+        routed experts' outputs [T, D] float32 (dropless grouped paths, `experts.py`)."""
+        return routed_experts(x, w, top, self.weights(), self.fmt, self.prec, self.limit)
 
 
 class SharedExpert(nnx.Module):
@@ -99,7 +129,7 @@ class MoE(nnx.Module):
         ex = constraints.mesh_axes("experts", self.num_experts)
         if ex:  # expert parallelism under the active sharding rules
             routed = expert_parallel(self.experts, x, w, top, ex)
-        else:  # single device (or experts unsplit): the exact scan over all experts
-            routed = self.experts(x, combine_weights(w, top, self.num_experts))  # [E, T]
+        else:  # single device (or experts unsplit): each expert on its own tokens only
+            routed = self.experts(x, w, top)
         y = routed + self.shared_experts(x).astype(F32)
         return y.astype(self.prec.dtype).reshape(shape)

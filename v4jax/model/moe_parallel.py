@@ -1,53 +1,244 @@
-"""Expert parallelism (when the active sharding rules split "experts" over mesh axes; see
-`sharding/rules.py`): inside a `shard_map`, each expert rank holds E / n whole experts. Tokens
-split over the expert axis are all-gathered (gather-based dispatch), each rank runs the same
-scan over its own experts only, and the partial sums are reduce-scattered back (combine); tokens
-already replicated over the expert axis are combined with a psum. The router (hash-routed or
-scored) runs before the dispatch on the tokens' own shards.
+"""Expert parallelism with all-to-all dispatch (spec 5 routing; training-and-serving.md C.2).
+
+When the active sharding rules split "experts" over mesh axes `ex` (`sharding/rules.py`), each
+of the n expert ranks holds E / n whole experts, and tokens travel to the ranks that hold their
+experts and back: a layer moves about T * k * D activations instead of all-gathering T * D onto
+every rank. Inside one `shard_map`, each rank:
+
+1. takes its share of the tokens: tokens replicated over some expert axes (`reduce`: DECODE's
+   expert axis, TRAIN's tensor axis) are split among those ranks, so each token is sent once;
+2. sorts its tokens' k assignments by expert (hence by destination rank), exchanges the counts
+   (`all_to_all`) and sends rows, local expert ids and routing weights with `ragged_all_to_all`
+   into a worst-case receive buffer (dropless: n T min(k, E / n) rows hold every sender's
+   rows to this rank);
+3. computes the received rows with `expert_rows` on its local experts and sends the results back
+   (a second ragged all-to-all with the offsets mirrored);
+4. sums each token's k outputs from zero in ascending expert order, the order of the dense
+   `expert_sum` scan, so results equal the unsharded MoE (batch invariance); tokens split in
+   step 1 are all-gathered back.
+
+XLA:CPU has no ragged-all-to-all; there the same exchange is emulated by a dense `all_to_all`
+of a [n, capacity, ...] buffer (capacity: the worst case of one source-destination pair), so CPU
+tests run the same index arithmetic. `impl` ("auto", "ragged", "dense", "gather"), or the
+`dispatch(...)` context, picks the exchange; "auto" chooses per platform at lowering time.
+"gather" is the earlier dispatch (every token all-gathered to every rank, a dense scan of the
+local experts, reduce-scatter), kept as a reference for tests and traffic comparisons.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sharding import constraints
-from v4jax.model.experts import combine_weights, expert_sum
+from v4jax.model.experts import combine_weights, expert_rows, expert_sum
+
+__all__ = ["IMPLS", "dispatch", "expert_parallel", "ragged_all_to_all_dense"]
+
+IMPLS = ("auto", "ragged", "dense", "gather")
+F32 = jnp.float32
+_IMPL = jax.make_user_context(default_value="auto")  # read at trace time: part of cache keys
 
 
-def _expert_parallel_body(x, w, top, *ws, ex, gather, reduce, fmt, prec, limit):
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"expert-parallel impl={impl!r}: expected one of {IMPLS}")
+    return impl
+
+
+@contextlib.contextmanager
+def dispatch(impl: str) -> Iterator[None]:
+    """Selects the expert-parallel exchange for model code traced inside (default "auto")."""
+    with _IMPL(_check_impl(impl)):
+        yield
+
+
+# ------------------------------------------------------------------------------ exchange
+
+
+def ragged_all_to_all_dense(
+    operand,
+    output,
+    input_offsets,
+    send_sizes,
+    output_offsets,
+    recv_sizes,
+    *,
+    axis_name,
+    recv_offsets=None,
+    capacity=None,
+):
+    """`jax.lax.ragged_all_to_all` semantics from a dense `all_to_all` (for XLA:CPU).
+
+    Slice i of `operand` (rows input_offsets[i] + [0, send_sizes[i])) goes to rank i, padded to
+    `capacity` rows (default min(rows of operand, rows of output): no slice is larger); the
+    receiver
+    writes the recv_sizes[s] rows from rank s at the offset s chose for it (`output_offsets`,
+    offsets on the receiver), leaving the rest of `output` as given. `recv_offsets` [n], where
+    each source's rows land here (= all_to_all(output_offsets)), saves that exchange when the
+    caller has it."""
+    n = input_offsets.shape[0]
+    cap = min(operand.shape[0], output.shape[0]) if capacity is None else capacity
+    i = jnp.arange(cap, dtype=input_offsets.dtype)
+    rows = jnp.minimum(input_offsets[:, None] + i, operand.shape[0] - 1)  # [n, cap]
+    got = jax.lax.all_to_all(operand[rows], axis_name, 0, 0, tiled=True)  # [n, cap, ...]
+    if recv_offsets is None:
+        recv_offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    dst = jnp.where(i < recv_sizes[:, None], recv_offsets[:, None] + i, output.shape[0])
+    return output.at[dst.reshape(-1)].set(got.reshape(n * cap, *operand.shape[1:]), mode="drop")
+
+
+def _exchange(impl: str, ex: tuple[str, ...], capacity: int):
+    """The ragged exchange of `impl`: ragged (GPU / TPU), dense (any), or by platform. Called
+    as f(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, recv_offsets)
+    with the receiver-side offsets of each source's rows, which the caller knows (this spares
+    the dense emulation an all-to-all); no slice exceeds `capacity` rows."""
+
+    def ragged(*args):
+        return jax.lax.ragged_all_to_all(*args[:6], axis_name=ex)
+
+    def dense(*args):
+        return ragged_all_to_all_dense(
+            *args[:6], axis_name=ex, recv_offsets=args[6], capacity=capacity
+        )
+
+    if impl == "ragged":
+        return ragged
+    if impl == "dense":
+        return dense
+    return lambda *a: jax.lax.platform_dependent(*a, cpu=dense, default=ragged)
+
+
+def _exclusive_cumsum(v: jnp.ndarray) -> jnp.ndarray:
+    """[n] -> [n] sums of the earlier entries (n = ranks: a masked [n, n] sum is a few ops to
+    compile, where `jnp.cumsum` off TPU becomes a parallel-prefix network)."""
+    n = v.shape[0]
+    before = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]
+    return jnp.sum(jnp.where(before, v[None, :], 0), axis=1).astype(v.dtype)
+
+
+# ------------------------------------------------------------------------ all-to-all path
+
+
+def _share(a: jnp.ndarray, reduce: tuple[str, ...], fill) -> jnp.ndarray:
+    """This rank's contiguous share [ceil(T' / m), ...] of rows replicated over `reduce`."""
+    m, t = jax.lax.axis_size(reduce), a.shape[0]
+    c = -(-t // m)
+    a = jnp.pad(a, ((0, m * c - t),) + ((0, 0),) * (a.ndim - 1), constant_values=fill)
+    return jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(reduce) * c, c)
+
+
+def _assignments(w: jnp.ndarray, top: jnp.ndarray, e: int):
+    """w / top [T, k] -> expert [T, k] (e where unused: a repeat of an earlier slot's expert or
+    an id outside [0, e)) and weight [T, k]: the summed weight of the slot's expert, as
+    `combine_weights` sums repeats (hash routing may repeat an expert)."""
+    same = top[:, :, None] == top[:, None, :]  # [T, k, k']
+    cw = jnp.sum(jnp.where(same, w[:, None, :], 0.0), axis=2)
+    k = top.shape[1]
+    repeat = jnp.any(same & (jnp.arange(k)[None, :] < jnp.arange(k)[:, None]), axis=2)
+    ok = (top >= 0) & (top < e) & ~repeat
+    return jnp.where(ok, top, e), cw.astype(F32)
+
+
+def _combine(y: jnp.ndarray, order: jnp.ndarray, eid: jnp.ndarray) -> jnp.ndarray:
+    """Results y [T k, D] in `order` (expert-sorted assignments), experts eid [T, k] -> [T, D]:
+    each token's outputs summed from zero in ascending expert order, the order of the dense
+    `expert_sum` scan (unused slots hold exact zeros)."""
+    (t, k), d = eid.shape, y.shape[1]
+    y = jnp.zeros_like(y).at[order].set(y, unique_indices=True).reshape(t, k, d)
+    slots = jnp.argsort(eid, axis=1, stable=True)  # ascending expert per token
+    y = jnp.take_along_axis(y, slots[:, :, None], axis=1)
+    out = jnp.zeros((t, d), F32)
+    for j in range(k):
+        out = out + y[:, j]
+    return out
+
+
+def _route(x, w, top, ws, *, ex, e, impl, fmt, prec, limit) -> jnp.ndarray:
+    """One rank's tokens x [T, D], w / top [T, k] through the experts of all ranks -> [T, D]
+    float32 (steps 2-4 of the module docstring)."""
+    t, k = top.shape
+    n_local = ws[0].shape[0]
+    n = e // n_local
+    eid, cw = (a.reshape(-1) for a in _assignments(w, top, e))  # [T k]
+    order = jnp.argsort(eid, stable=True)  # by expert, so by destination rank; unused last
+    eid_s = eid[order]
+    dest = eid_s // n_local  # unused: n
+    send = jnp.sum(dest[None, :] == jnp.arange(n)[:, None], axis=1, dtype=jnp.int32)
+    in_off = _exclusive_cumsum(send)  # this rank's slice for each destination
+    recv = jax.lax.all_to_all(send, ex, 0, 0, tiled=True)  # rows from each source
+    recv_off = _exclusive_cumsum(recv)  # where each source's rows land here
+    # where ours land on each destination; where each source's results land back there
+    offs = jax.lax.all_to_all(jnp.stack([recv_off, in_off], axis=1), ex, 0, 0, tiled=True)
+    out_off, back_off = offs[:, 0], offs[:, 1]
+    # Dispatch: rows, then (weight, local expert) pairs; float32 keeps the weight differentiable
+    # and holds expert ids exactly (< 2^24). Unwritten rows keep expert -1: output 0.
+    # Dropless bounds: a token's experts are distinct (repeats merged), so it sends at most
+    # min(k, E / n) rows to one rank; the receive buffer holds that from all n sources.
+    pair = t * min(k, n_local)
+    cap = n * pair
+    exchange = _exchange(impl, ex, pair)
+    there = (in_off, send, out_off, recv, recv_off)
+    rows = exchange(x[order // k], jnp.zeros((cap, x.shape[1]), x.dtype), *there)
+    meta = jnp.stack([cw[order], (eid_s - dest * n_local).astype(F32)], axis=1)
+    meta = exchange(meta, jnp.broadcast_to(jnp.array([0.0, -1.0], F32), (cap, 2)), *there)
+    y = expert_rows(rows, meta[:, 1].astype(jnp.int32), meta[:, 0], ws, fmt, prec, limit)
+    # Combine: results return to the slices they came from; unsent rows stay 0.
+    y = exchange(y, jnp.zeros((t * k, y.shape[1]), F32), recv_off, recv, back_off, send, in_off)
+    return _combine(y, order, eid.reshape(t, k))
+
+
+def _a2a_body(x, w, top, *ws, ex, reduce, e, impl, fmt, prec, limit):
     """One rank: its tokens x [T', D], w / top [T', k], its experts ws [E / n, ...]."""
-    if gather:  # tokens split over (part of) the expert axes: dispatch = all-gather
+    t = x.shape[0]
+    if reduce:  # tokens replicated over `reduce`: each of those ranks sends its share
+        x, w, top = _share(x, reduce, 0), _share(w, reduce, 0), _share(top, reduce, -1)
+    out = _route(x, w, top, ws, ex=ex, e=e, impl=impl, fmt=fmt, prec=prec, limit=limit)
+    if reduce:
+        out = jax.lax.all_gather(out, reduce, axis=0, tiled=True)[:t]
+    return out  # [T', D] float32
+
+
+# -------------------------------------------------------------------------- gather path
+
+
+def _gather_body(x, w, top, *ws, ex, reduce, gather, fmt, prec, limit):
+    """The all-gather dispatch: every token of the expert group on every rank, a dense scan
+    of the local experts, reduce-scatter (and psum over `reduce`) to combine."""
+    if gather:
         x, w, top = (jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in (x, w, top))
     n_local = ws[0].shape[0]
     first = jax.lax.axis_index(ex) * n_local
     out = expert_sum(x, combine_weights(w, top - first, n_local), ws, fmt, prec, limit)
-    if gather:  # combine: sum over expert ranks, each rank keeping its own tokens
+    if gather:
         out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)
     if reduce:
         out = jax.lax.psum(out, reduce)
     return out  # [T', D] float32
 
 
-def expert_parallel(experts, x, w, top, ex: tuple[str, ...]) -> jnp.ndarray:
+def expert_parallel(experts, x, w, top, ex: tuple[str, ...], *, impl: str | None = None):
     """Routed experts split over mesh axes `ex` (from the active sharding rules): x [T, D],
-    w / top [T, k] -> [T, D] float32. Tokens keep the "batch" sharding of the rules."""
+    w / top [T, k] -> [T, D] float32. Tokens keep the "batch" sharding of the rules. `impl`
+    (default: the `dispatch` context, "auto") selects the exchange (module docstring)."""
+    impl = _check_impl(_IMPL.value if impl is None else impl)
+    ws = experts.weights()
+    e = ws[0].shape[0]
+    if x.ndim != 2 or w.shape != top.shape or top.shape[0] != x.shape[0]:
+        raise ValueError(f"expert_parallel: x {x.shape}, w {w.shape}, top {top.shape}")
     tok = constraints.mesh_axes("batch", x.shape[0])
     gather = tuple(a for a in tok if a in ex)
     reduce = tuple(a for a in ex if a not in gather)
-    body = functools.partial(
-        _expert_parallel_body,
-        ex=ex,
-        gather=gather,
-        reduce=reduce,
-        fmt=experts.fmt,
-        prec=experts.prec,
-        limit=experts.limit,
-    )
-    ws = experts.weights()
+    common = dict(ex=ex, reduce=reduce, fmt=experts.fmt, prec=experts.prec, limit=experts.limit)
+    if impl == "gather":
+        body = functools.partial(_gather_body, gather=gather, **common)
+    else:
+        body = functools.partial(_a2a_body, e=e, impl=impl, **common)
     t_spec = P(tok or None, None)
     w_specs = tuple(P(ex, *(None,) * (a.ndim - 1)) for a in ws)
     run = constraints.shard_map(body, in_specs=(t_spec, t_spec, t_spec, *w_specs), out_specs=t_spec)

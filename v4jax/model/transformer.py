@@ -31,6 +31,14 @@ class Unit(nnx.Module):
             x = block(x, ids)
         return x
 
+    def forward_train(self, x: jnp.ndarray, ids: jnp.ndarray, indexer: str):
+        """Streams and a tuple of the blocks' training statistics (`Block.forward_train`)."""
+        stats = []
+        for block in self.blocks:
+            x, aux = block.forward_train(x, ids, indexer)
+            stats.append(aux)
+        return x, tuple(stats)
+
 
 def stacked_unit(cfg: ModelConfig, seg: Segment, prec: Precision, kernels: str) -> Unit:
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -43,6 +51,16 @@ def stacked_unit(cfg: ModelConfig, seg: Segment, prec: Precision, kernels: str) 
 @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
 def _run_stack(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray) -> jnp.ndarray:
     return unit(x, ids)
+
+
+def _run_stack_train(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray, indexer: str):
+    """`_run_stack` that also returns each block's statistics, stacked [repeats, ...]."""
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
+    def run(x, unit, ids):
+        return unit.forward_train(x, ids, indexer)
+
+    return run(x, unit, ids)
 
 
 class Head(nnx.Module):
@@ -71,10 +89,14 @@ class MTPBlock(nnx.Module):
 
     def __call__(self, streams, emb, ids, head: Head) -> jnp.ndarray:
         """streams [B, S, N, D] of the main model, emb [B, S, D] embeddings of ids -> logits."""
+        return self.forward_train(streams, emb, ids, head)[0]
+
+    def forward_train(self, streams, emb, ids, head: Head, indexer: str = "off"):
+        """`__call__` plus the block's training statistics (`Block.forward_train`)."""
         x = self.e_proj(self.enorm(emb))[:, :, None, :].astype(F32)
         x = (x + self.h_proj(self.hnorm(streams)).astype(F32)).astype(emb.dtype)
-        x = self.block(x, ids)
-        return head(self.norm(self.hc_head(x)))
+        x, aux = self.block.forward_train(x, ids, indexer)
+        return head(self.norm(self.hc_head(x))), aux
 
 
 class Transformer(nnx.Module):
@@ -103,6 +125,28 @@ class Transformer(nnx.Module):
         """Token ids [B, S] -> float32 logits [B, S, V] at every position."""
         logits = self.head(self.norm(self.hc_head(self.streams(ids))))
         return constrain(logits, ("batch", "length", "vocab"))
+
+    def forward_train(self, ids: jnp.ndarray, indexer: str = "off"):
+        """One training forward of tokens ids [B, S] at 0 .. S-1 -> (logits [B, S, V] float32,
+        final streams [B, S, N, D] (the MTP's input), {"segments.{s}.blocks.{j}": that block's
+        statistics stacked over the segment's repeats} (`Block.forward_train`))."""
+        e = self.embed_tokens(ids)
+        x = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.cfg.hc_mult, e.shape[-1]))
+        x = constrain(x, STREAMS)
+        stats = {}
+        for s, unit in enumerate(self.segments):
+            x, per_block = _run_stack_train(x, unit, ids, indexer)
+            stats.update({f"segments.{s}.blocks.{j}": a for j, a in enumerate(per_block)})
+        logits = self.head(self.norm(self.hc_head(x)))
+        return constrain(logits, ("batch", "length", "vocab")), x, stats
+
+    def mtp_forward_train(self, streams: jnp.ndarray, next_ids: jnp.ndarray, indexer="off"):
+        """MTP logits [B, S, V] from main streams [B, S, N, D] and next_ids [B, S] (position i
+        holds token i + 1; the logits predict token i + 2), and the block's statistics."""
+        if self.mtp is None:
+            raise ValueError("this config has no MTP block (num_mtp_layers=0)")
+        emb = self.embed_tokens(next_ids)
+        return self.mtp.forward_train(streams, emb, next_ids, self.head, indexer)
 
     def mtp_logits(self, ids: jnp.ndarray, next_ids: jnp.ndarray) -> jnp.ndarray:
         """MTP logits [B, S, V]: main streams of ids, MTP fed with next_ids (ids shifted by 1)."""

@@ -208,6 +208,10 @@ def _group(names: tuple[str, ...], ndim: int) -> tuple[str, bool]:
         # mHC static biases S and gating factors alpha (hc_attn, hc_ffn, hc_head): AdamW (A.1);
         # biases and gains, so no decay.
         return ADAMW, False
+    if leaf in ("lora_a", "lora_b"):
+        # LoRA adapters (train/lora.py): AdamW without decay, the usual LoRA recipe (the
+        # low-rank factors are not whole matrices whose orthogonalisation would mean anything).
+        return ADAMW, False
     if leaf in ("attn_sink", "ape", "bias"):
         # Not linear maps: attention-sink logits [L, H], the compressor's learned position
         # biases added to its pooling logits (`ape` [L, ratio, W]), any bias. Orthogonalising an
