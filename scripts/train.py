@@ -32,8 +32,6 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--optimizer", default="muon", choices=["muon", "adamw"])
     ap.add_argument("--qat", action="store_true", help="FP4/FP8 quantisation-aware training")
-    ap.add_argument("--remat", default="none", help="none | block | names (tensor-level)")
-    ap.add_argument("--mesh", default=None, help="e.g. data=8 (see sharding.make_mesh)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument(
         "--stop-after",
@@ -70,8 +68,6 @@ def _check(a) -> None:
         raise ValueError("--lora must be >= 0")
     if a.qat and a.lora:
         raise ValueError("--qat and --lora cannot be combined (LoRA keeps the base frozen)")
-    if a.remat not in ("none", "block", "names"):
-        raise ValueError(f"--remat {a.remat!r}: expected none, block or names")
     ck = os.path.join(a.out, "checkpoints")
     if os.path.isdir(ck) and os.listdir(ck) and not a.resume:
         raise ValueError(f"--out {a.out} already holds a run: add --resume or pick another --out")

@@ -39,6 +39,11 @@ def _blocks(x: jnp.ndarray, block: int) -> jnp.ndarray:
     return x.reshape(*x.shape[:-1], n // block, block)
 
 
+# Both simulations pass gradients straight through (identity JVP): the rounding is piecewise
+# constant and the e4m3 cast would flush cotangents to zero, so without it QAT (training in the
+# reference numerics, `v4jax/train/model.py`) gets zero or wrong gradients. Forward values are
+# unchanged.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def fp8_quant_dequant(x: jnp.ndarray, block: int) -> jnp.ndarray:
     """Per-`block` FP8 e4m3 quant-dequant with E8M0 scales (amax floor 1e-4, clamp +-448)."""
     xb = _blocks(x.astype(jnp.float32), block)
@@ -55,6 +60,7 @@ def _round_e2m1(y: jnp.ndarray) -> jnp.ndarray:
     return jnp.sign(y) * jnp.asarray(_FP4_GRID)[idx + tie_up.astype(idx.dtype)]
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def fp4_quant_dequant(x: jnp.ndarray, block: int = 32) -> jnp.ndarray:
     """Per-`block` FP4 e2m1 quant-dequant with E8M0 scales (amax floor 6 * 2^-126)."""
     xb = _blocks(x.astype(jnp.float32), block)
@@ -62,6 +68,16 @@ def fp4_quant_dequant(x: jnp.ndarray, block: int = 32) -> jnp.ndarray:
     s = pow2_scale(amax, 1.0 / FP4_MAX)
     q = _round_e2m1(jnp.clip(xb / s, -FP4_MAX, FP4_MAX))
     return (q * s).reshape(x.shape)
+
+
+@fp8_quant_dequant.defjvp
+def _fp8_ste(block, primals, tangents):
+    return fp8_quant_dequant(primals[0], block), tangents[0].astype(jnp.float32)
+
+
+@fp4_quant_dequant.defjvp
+def _fp4_ste(block, primals, tangents):
+    return fp4_quant_dequant(primals[0], block), tangents[0].astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=8)

@@ -103,7 +103,7 @@ def make_step(tm: TrainModel, optimizer, schedule, weights: LossWeights = LossWe
         mtp_w = schedule.mtp_weight(state.step) if weights.mtp is None else F32(weights.mtp)
         a = tokens.shape[0]
         n_lm = jnp.sum(mask[:, :, 1:] != 0, axis=(1, 2)).astype(F32)  # [A]
-        n_mtp = jnp.sum(mtp_mask(mask) != 0, axis=(1, 2)).astype(F32)
+        n_mtp = jnp.sum(losses.mtp_mask(mask), axis=(1, 2))
         scales = (
             n_lm / jnp.maximum(jnp.sum(n_lm), 1.0),
             n_mtp / jnp.maximum(jnp.sum(n_mtp), 1.0),
@@ -156,13 +156,6 @@ def make_step(tm: TrainModel, optimizer, schedule, weights: LossWeights = LossWe
         return new, out
 
     return jit(step, donate_argnums=0)
-
-
-def mtp_mask(mask):
-    """[..., S] target mask -> [..., S - 2] mask of the MTP block's targets: token i+2
-    predicted at position i counts when tokens i+1 and i+2 are both targets (so an MTP target
-    never reaches across a document boundary, where the first token has mask 0)."""
-    return (mask[..., 1:-1] != 0) & (mask[..., 2:] != 0)
 
 
 def load_stats(counts) -> dict:
