@@ -50,6 +50,11 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--remat",
+        default="none",
+        help="rematerialisation: none | block | tensors | save:NAME,... (v4jax.model.remat)",
+    )
     return ap.parse_args(argv)
 
 
@@ -64,6 +69,9 @@ def _check(a) -> None:
         raise ValueError(f"--from {a.source}: no such directory")
     if a.lr is not None and not a.lr > 0:
         raise ValueError("--lr must be > 0")
+    from v4jax.model import remat as remat_policy
+
+    remat_policy.check(a.remat)
     if a.lora < 0:
         raise ValueError("--lora must be >= 0")
     if a.qat and a.lora:
@@ -126,6 +134,7 @@ def main(argv=None) -> int:
         save_every=a.save_every,
         eval_every=a.eval_every,
         stop_after=a.stop_after,
+        remat=a.remat,
         weights=LossWeights(
             mtp=a.mtp_weight,
             balance=balance,

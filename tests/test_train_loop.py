@@ -151,8 +151,15 @@ def test_step_does_not_apply_a_non_finite_update(corpus, tmp_path):
 
 
 def test_accumulation_equals_the_larger_batch(corpus, tmp_path):
-    """2 micro-batches of 2 rows == one batch of 4 rows (gradients and the update), float32:
-    the same maths summed in another order, so 1e-6 relative."""
+    """2 micro-batches of 2 rows == one batch of 4 rows, float32. With SGD at learning rate 1
+    the update is minus the accumulated gradient, so comparing the new parameters compares the
+    gradients. The same terms are summed in another order, so each leaf agrees to 1e-5 of its
+    largest entry (not per element: entries that are sums of cancelling terms have no relative
+    accuracy in either order), plus one rounding of the parameter itself (p - g is stored in
+    float32: up to 2.4e-7 for entries near 3). Loss and gradient norm agree to 1e-6 / 1e-5
+    relative."""
+    import optax
+
     tm, data, run = _setup(corpus, tmp_path)
     it = iter(
         tdata.build_datasets(
@@ -160,15 +167,26 @@ def test_accumulation_equals_the_larger_batch(corpus, tmp_path):
         ).train
     )
     b = next(it)
-    opt = optim.make_optimizer(tm.params, schedule=1e-3)
+    opt = optax.sgd(1.0)
     weights = LossWeights(balance=1e-4)
     step = make_step(tm, opt, run.schedule(), weights)
     s1, m1 = step(init_state(tm, opt), b.tokens[None], b.mask[None])
     s2, m2 = step(init_state(tm, opt), b.tokens.reshape(2, 2, 32), b.mask.reshape(2, 2, 32))
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    moved = 0
+    leaves = zip(
+        jax.tree.leaves(tm.params), jax.tree.leaves(s1.params), jax.tree.leaves(s2.params),
+        strict=True,
+    )
+    for p0, x, y in leaves:
+        g1, g2 = np.asarray(p0) - np.asarray(x), np.asarray(p0) - np.asarray(y)
+        scale = float(np.abs(g1).max())
+        moved += scale > 0
+        bound = 1e-5 * scale + np.spacing(np.abs(np.asarray(p0)))
+        worst = float(np.max(np.abs(g1 - g2) - bound))
+        assert worst <= 0, f"{p0.shape}: gradients differ by {worst:.3g} beyond the bound"
+    assert moved > len(jax.tree.leaves(tm.params)) // 2  # the step did train
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from flax import nnx
 
 from v4jax.config import Attn, ModelConfig
 from v4jax.kernels.sparse_attention import sparse_attention
+from v4jax.model import remat
 from v4jax.model.compressor import Compressor, quant_kv_nope
 from v4jax.model.indexer import Indexer, indexer_kl
 from v4jax.model.layers import (
@@ -83,6 +84,7 @@ class Attention(nnx.Module):
         o = sparse_attention(
             q, pool, idx, self.attn_sink[...], scale=c.head_dim**-0.5, implementation=self._impl()
         )
+        o = remat.name(o, "attn_ctx")
         o = rope(o, pos, self._freqs(), inverse=True)
         b, s = o.shape[:2]
         o = o.reshape(b, s, c.o_groups, -1).astype(F32)  # [B, S, G, H*K/G]
@@ -131,7 +133,8 @@ class Attention(nnx.Module):
             pool = jnp.concatenate([pool, entries], axis=1)
             if scores is not None:
                 kl = self._indexer_kl(q, pool, idx, comp, scores)
-        return self.output(q, pool, idx.astype(jnp.int32), pos), kl
+        q, pool = remat.name(q, "attn_q"), remat.name(pool, "attn_kv")
+        return remat.name(self.output(q, pool, idx.astype(jnp.int32), pos), "attn_out"), kl
 
     def _indexer_kl(self, q, pool, idx, comp, scores):
         """KL(p || softmax(index scores)) over the entries `comp` [B, S, k] of each query:

@@ -13,6 +13,7 @@ from flax import nnx
 
 from sharding import constraints
 from v4jax.config import ModelConfig
+from v4jax.model import remat
 from v4jax.model.experts import routed_experts, swiglu
 from v4jax.model.layers import F32, Linear, mm, param
 from v4jax.model.moe_parallel import expert_parallel
@@ -131,5 +132,6 @@ class MoE(nnx.Module):
             routed = expert_parallel(self.experts, x, w, top, ex)
         else:  # single device (or experts unsplit): each expert on its own tokens only
             routed = self.experts(x, w, top)
-        y = routed + self.shared_experts(x).astype(F32)
+        routed = remat.name(routed, "moe_routed")
+        y = routed + remat.name(self.shared_experts(x), "moe_shared").astype(F32)
         return y.astype(self.prec.dtype).reshape(shape)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from sharding.constraints import constrain
 from v4jax.config import LayerKind, ModelConfig, Segment, layer_plan
+from v4jax.model import remat as rm
 from v4jax.model.block import STREAMS, Block
 from v4jax.model.layers import F32, Linear, RMSNorm, mm, param
 from v4jax.model.mhc import HyperHead
@@ -53,12 +54,14 @@ def _run_stack(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray) -> jnp.ndarray:
     return unit(x, ids)
 
 
-def _run_stack_train(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray, indexer: str):
-    """`_run_stack` that also returns each block's statistics, stacked [repeats, ...]."""
+def _run_stack_train(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray, indexer: str, remat: str):
+    """`_run_stack` that also returns each block's statistics, stacked [repeats, ...]; each
+    repeat under the rematerialisation policy `remat` (`v4jax.model.remat`)."""
+    body = rm.wrap(lambda unit, x, ids: unit.forward_train(x, ids, indexer), remat, in_scan=True)
 
     @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
     def run(x, unit, ids):
-        return unit.forward_train(x, ids, indexer)
+        return body(unit, x, ids)
 
     return run(x, unit, ids)
 
@@ -91,11 +94,14 @@ class MTPBlock(nnx.Module):
         """streams [B, S, N, D] of the main model, emb [B, S, D] embeddings of ids -> logits."""
         return self.forward_train(streams, emb, ids, head)[0]
 
-    def forward_train(self, streams, emb, ids, head: Head, indexer: str = "off"):
+    def forward_train(
+        self, streams, emb, ids, head: Head, indexer: str = "off", remat: str = "none"
+    ):
         """`__call__` plus the block's training statistics (`Block.forward_train`)."""
         x = self.e_proj(self.enorm(emb))[:, :, None, :].astype(F32)
         x = (x + self.h_proj(self.hnorm(streams)).astype(F32)).astype(emb.dtype)
-        x, aux = self.block.forward_train(x, ids, indexer)
+        run = rm.wrap(lambda blk, x, ids: blk.forward_train(x, ids, indexer), remat, in_scan=False)
+        x, aux = run(self.block, x, ids)
         return head(self.norm(self.hc_head(x))), aux
 
 
@@ -126,27 +132,31 @@ class Transformer(nnx.Module):
         logits = self.head(self.norm(self.hc_head(self.streams(ids))))
         return constrain(logits, ("batch", "length", "vocab"))
 
-    def forward_train(self, ids: jnp.ndarray, indexer: str = "off"):
+    def forward_train(self, ids: jnp.ndarray, indexer: str = "off", remat: str = "none"):
         """One training forward of tokens ids [B, S] at 0 .. S-1 -> (logits [B, S, V] float32,
         final streams [B, S, N, D] (the MTP's input), {"segments.{s}.blocks.{j}": that block's
-        statistics stacked over the segment's repeats} (`Block.forward_train`))."""
+        statistics stacked over the segment's repeats} (`Block.forward_train`)). `remat`: the
+        blocks' rematerialisation policy (`v4jax.model.remat`)."""
+        rm.check(remat)
         e = self.embed_tokens(ids)
         x = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.cfg.hc_mult, e.shape[-1]))
         x = constrain(x, STREAMS)
         stats = {}
         for s, unit in enumerate(self.segments):
-            x, per_block = _run_stack_train(x, unit, ids, indexer)
+            x, per_block = _run_stack_train(x, unit, ids, indexer, remat)
             stats.update({f"segments.{s}.blocks.{j}": a for j, a in enumerate(per_block)})
         logits = self.head(self.norm(self.hc_head(x)))
         return constrain(logits, ("batch", "length", "vocab")), x, stats
 
-    def mtp_forward_train(self, streams: jnp.ndarray, next_ids: jnp.ndarray, indexer="off"):
+    def mtp_forward_train(
+        self, streams: jnp.ndarray, next_ids: jnp.ndarray, indexer="off", remat: str = "none"
+    ):
         """MTP logits [B, S, V] from main streams [B, S, N, D] and next_ids [B, S] (position i
         holds token i + 1; the logits predict token i + 2), and the block's statistics."""
         if self.mtp is None:
             raise ValueError("this config has no MTP block (num_mtp_layers=0)")
         emb = self.embed_tokens(next_ids)
-        return self.mtp.forward_train(streams, emb, next_ids, self.head, indexer)
+        return self.mtp.forward_train(streams, emb, next_ids, self.head, indexer, remat)
 
     def mtp_logits(self, ids: jnp.ndarray, next_ids: jnp.ndarray) -> jnp.ndarray:
         """MTP logits [B, S, V]: main streams of ids, MTP fed with next_ids (ids shifted by 1)."""

@@ -22,8 +22,24 @@ from v4jax.train.schedule import LRSchedule
 from v4jax.train.step import LossWeights, TrainState, init_state, make_step
 
 __all__ = [
-    "DataConfig", "Diverged", "LRSchedule", "LossWeights", "OptimConfig", "RunConfig",
-    "TrainModel", "TrainState", "build_datasets", "init_state", "loss", "make_optimizer",
-    "make_step", "partition", "release_named", "run", "to_model", "trainable",
-    "update_router_bias", "value_and_grad",
+    "DataConfig",
+    "Diverged",
+    "LRSchedule",
+    "LossWeights",
+    "OptimConfig",
+    "RunConfig",
+    "TrainModel",
+    "TrainState",
+    "build_datasets",
+    "init_state",
+    "loss",
+    "make_optimizer",
+    "make_step",
+    "partition",
+    "release_named",
+    "run",
+    "to_model",
+    "trainable",
+    "update_router_bias",
+    "value_and_grad",
 ]

@@ -25,8 +25,6 @@ import orbax.checkpoint as ocp
 
 __all__ = ["Checkpointer"]
 
-_ITEMS = ("state", "data", "meta")
-
 
 class Checkpointer:
     """`save(step, state, data=..., meta=...)`, `latest_step()`, `restore(step, target)`."""
@@ -38,7 +36,16 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        # Handlers registered up front: a fresh process can then read one item (`read_meta`)
+        # before anything else has told the manager what the other items are.
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
 
     def save(self, step: int, state: Any, *, data: dict, meta: dict) -> None:
         """Starts saving `state` (and the JSON items) as checkpoint `step`; returns at once

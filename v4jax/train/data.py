@@ -9,11 +9,11 @@ BOS / EOS marker strings map to 0 / 1 and every other character to its bytes.
 
 Documents and loss masks (`training-and-serving.md` A.3; V4 section 9 chat format):
 - text: BOS + tokens + EOS; every token after BOS is a target (pretraining);
-- chat: the official chat encoding (`format_chat`, `add_generation_prompt=False`); only the
-  assistant turns are targets: the answer, its reasoning when kept (thinking mode, last turn)
-  with its `</think>`, and its EOS. The boundaries come from encoding the conversation's
-  prefixes up to each assistant turn (the prompt part ends at `<｜Assistant｜></think>` or
-  `<think>`), and each piece is tokenized on its own; the pieces meet at special tokens, where
+- chat: the official chat encoding (`v4jax.chat.render_messages`, `add_generation_prompt=False`);
+  only the assistant turns are targets: the answer, its reasoning when kept (thinking mode, last
+  turn) with its `</think>`, its tool calls and its EOS. The boundaries are the assistant spans
+  the renderer reports (the prompt part ends at `<｜Assistant｜></think>` or `<think>`), and each
+  piece is tokenized on its own; the pieces meet at special tokens, where
   the BPE never merges, so the ids equal the encoding of the whole conversation.
 """
 
@@ -28,7 +28,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from v4jax.tokenizer import BOS, EOS, VOCAB_SIZE, format_chat, load_tokenizer
+from v4jax.chat import render_messages
+from v4jax.tokenizer import BOS, EOS, VOCAB_SIZE, load_tokenizer
 from v4jax.train.packing import Document, PackedBatches, held_out_split
 from v4jax.train.sources import Corpus, DataError, DocKind, load_corpus
 
@@ -135,9 +136,10 @@ def encode_text_document(text: str, tokenizer) -> Document:
 
 def encode_chat_document(messages, tokenizer, *, thinking: bool = False) -> Document:
     """The official chat encoding of a conversation; only assistant tokens are targets."""
-    full = format_chat(messages, thinking=thinking, add_generation_prompt=False)
+    rendered = render_messages(messages, thinking, add_generation_prompt=False)
+    full = rendered.text
     ids, mask, done = [], [], 0
-    for a, b in _assistant_spans(messages, thinking):
+    for a, b in rendered.assistant_spans:
         for (s, e), target in (((done, a), 0), ((a, b), 1)):
             piece = tokenizer.encode(full[s:e]) if e > s else []
             ids += piece
@@ -146,29 +148,6 @@ def encode_chat_document(messages, tokenizer, *, thinking: bool = False) -> Docu
     tail = tokenizer.encode(full[done:]) if done < len(full) else []
     ids, mask = np.asarray(ids + tail, np.int32), np.asarray(mask + [0] * len(tail), np.int32)
     return Document(ids, mask)
-
-
-def _assistant_spans(messages, thinking: bool) -> list[tuple[int, int]]:
-    """Character spans [a, b) of the assistant parts in `format_chat(messages, thinking=...)`.
-
-    Turn i's prompt is the conversation up to it with the generation prompt; turn i ends
-    after its EOS. A turn before the last user turn renders as in chat mode (its reasoning is
-    dropped: the official `drop_thinking`), so its prefixes are built with thinking off."""
-    full = format_chat(messages, thinking=thinking, add_generation_prompt=False)
-    roles = [m["role"] for m in messages]
-    last_user = max((i for i, r in enumerate(roles) if r == "user"), default=-1)
-    spans = []
-    for i, role in enumerate(roles):
-        if role != "assistant":
-            continue
-        head = format_chat(messages[:i], thinking=thinking and i - 1 == last_user)
-        upto = format_chat(
-            messages[: i + 1], thinking=thinking and i > last_user, add_generation_prompt=False
-        )
-        if not (full.startswith(upto) and upto.startswith(head)):
-            raise AssertionError(f"messages[{i}]: chat prefixes do not nest")  # a format bug
-        spans.append((len(head), len(upto)))
-    return spans
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from v4jax.config import to_dict
+from v4jax.model import remat as remat_policy
 from v4jax.numerics.policy import jit
 from v4jax.train import optim
 from v4jax.train.checkpoint import Checkpointer
@@ -65,8 +66,10 @@ class RunConfig:
     keep: int = 3
     seed: int = 0
     stop_after: int | None = None  # end this invocation after this step (checkpointed there)
+    remat: str = "none"  # rematerialisation policy (v4jax.model.remat): none|block|tensors|save:..
 
     def __post_init__(self):
+        remat_policy.check(self.remat)
         for name in ("steps", "accum", "save_every", "keep", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -85,21 +88,22 @@ def train(
     tm: TrainModel, data, run: RunConfig, *, resume: bool = False, log=print, progress: bool = True
 ) -> dict:
     """Trains `tm` on `data` (`v4jax.train.data.Datasets`); returns the run summary.
-    Returns the final `TrainModel` as `summary["model"]`."""
+    Returns the final `TrainModel` as `summary["model"]`. The run takes over `tm`'s weight
+    buffers (no second copy in memory): use `summary["model"]` afterwards, not `tm`."""
     ckdir = os.path.join(run.out, "checkpoints")
     if not resume and os.path.isdir(ckdir) and os.listdir(ckdir):
         raise FileExistsError(f"{run.out} already holds checkpoints: pass resume=True (--resume)")
     os.makedirs(run.out, exist_ok=True)
     schedule = run.schedule()
     optimizer = optim.make_optimizer(tm.params, schedule=schedule, kind=run.optimizer)
-    state = init_state(tm, optimizer, seed=run.seed)
+    state = init_state(tm, optimizer, seed=run.seed, copy=False)
     it = iter(data.train)
     meta = {"config": to_dict(tm.config), "qat": tm.qat, "run": _jsonable(run)}
     with Checkpointer(ckdir, keep=run.keep) as ck:
         if resume and ck.latest_step() is not None:
             state, it = _restore(ck, state, it, meta, log)
         _trim_metrics(run.out, int(state.step))
-        step_fn = make_step(tm, optimizer, schedule, run.weights)
+        step_fn = make_step(tm, optimizer, schedule, run.weights, remat=run.remat)
         evaluate = _evaluator(tm, data, run)
         summary = {"heldout_before": evaluate(state)} if int(state.step) == 0 else {}
         state = _loop(step_fn, state, it, ck, run, evaluate, meta, log, progress)

@@ -32,6 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from v4jax.model import remat as remat_policy
 from v4jax.numerics.policy import jit as numerics_jit
 from v4jax.train.model import TrainModel, _flatten, _join, _unflatten
 
@@ -92,11 +93,14 @@ def loss(
     balance_weight: float = 1e-4,
     indexer_weight: float = 0.0,
     indexer_stage: str | IndexerStage = "sparse",
+    remat: str = "none",
 ) -> tuple[jnp.ndarray, dict]:
     """The training objective of tokens [B, S] (int) with target mask [B, S] -> (loss,
     metrics). Traceable (call it inside your own jit / grad); `value_and_grad` wraps it. The
     weights are Python numbers: mtp_weight 0 skips the MTP block, indexer_weight 0 the KL pass
-    (the router statistics are always computed: one [T, E] product per layer).
+    (the router statistics are always computed: one [T, E] product per layer). `remat`: the
+    blocks' rematerialisation policy ("none", "block", "tensors", "save:NAME,...";
+    `v4jax.model.remat`): same values, less memory, more compute.
 
     metrics: "loss", "lm", "mtp", "balance", "indexer_kl" (each term unweighted),
     "targets" (LM target tokens), "expert_counts" {block key: tokens per expert [..., E]}
@@ -104,13 +108,13 @@ def loss(
     tokens, mask = _check(model, tokens, mask)
     stage = IndexerStage.parse(indexer_stage).value if indexer_weight else "off"
     module = model.module()
-    logits, streams, stats = module.forward_train(tokens, stage)
+    logits, streams, stats = module.forward_train(tokens, stage, remat)
     lm_sum, n = cross_entropy(logits[:, :-1], tokens[:, 1:], mask[:, 1:])
     lm = lm_sum / jnp.maximum(n, 1.0)
     mtp = jnp.zeros((), F32)
     if mtp_weight and module.mtp is not None and tokens.shape[1] > 2:
         m_logits, stats["mtp.block"] = module.mtp_forward_train(
-            streams[:, :-1], tokens[:, 1:], stage
+            streams[:, :-1], tokens[:, 1:], stage, remat
         )
         m_sum, m_n = cross_entropy(m_logits[:, :-1], tokens[:, 2:], mtp_mask(mask))
         mtp = m_sum / jnp.maximum(m_n, 1.0)
@@ -139,6 +143,7 @@ def value_and_grad(
     balance_weight: float = 1e-4,
     indexer_weight: float = 0.0,
     indexer_stage: str | IndexerStage = "sparse",
+    remat: str = "none",
 ) -> tuple[jax.Array, dict, dict]:
     """(loss, metrics, grads): `loss` and its float32 gradient with respect to
     `model.params` (same nested dict). Jitted; the weights and the stage are static.
@@ -150,15 +155,22 @@ def value_and_grad(
     stage = IndexerStage.parse(indexer_stage)
     if stage is IndexerStage.DENSE and not indexer_weight:
         raise ValueError("the dense indexer stage trains only the indexer: indexer_weight > 0")
+    remat_policy.check(remat)
     tokens, mask = _check(model, tokens, mask)
-    opts = (float(mtp_weight), float(balance_weight), float(indexer_weight), stage.value)
+    opts = (float(mtp_weight), float(balance_weight), float(indexer_weight), stage.value, remat)
     return _value_and_grad(model, tokens, mask, opts)
 
 
 @functools.partial(numerics_jit, static_argnums=3)
 def _value_and_grad(model: TrainModel, tokens, mask, opts):
-    mtp_w, bal_w, idx_w, stage = opts
-    kw = dict(mtp_weight=mtp_w, balance_weight=bal_w, indexer_weight=idx_w, indexer_stage=stage)
+    mtp_w, bal_w, idx_w, stage, remat = opts
+    kw = dict(
+        mtp_weight=mtp_w,
+        balance_weight=bal_w,
+        indexer_weight=idx_w,
+        indexer_stage=stage,
+        remat=remat,
+    )
     if stage != IndexerStage.DENSE.value:
         fn = lambda p: loss(model.replace(params=p), tokens, mask, **kw)
         (total, metrics), grads = jax.value_and_grad(fn, has_aux=True)(model.params)

@@ -4,8 +4,9 @@ Each path is a file, a directory (its files, recursively, sorted; hidden names s
 glob pattern (matches sorted):
 - a `.jsonl` file: one document per non-blank line, detected per line:
   `{"text": "..."}` (pretraining text) or `{"messages": [...], "thinking": false}` (chat SFT;
-  roles system / user / assistant as in `v4jax.tokenizer.format_chat`, assistant turns may carry
-  `reasoning_content`; `thinking` (optional, default false) selects the thinking-mode format);
+  every message form of the official format (`v4jax.chat`: system / developer / user /
+  assistant / tool roles, tools, DSML tool calls, `reasoning_content`); `thinking` (optional,
+  default false) selects the thinking-mode format);
 - any other file: plain UTF-8 text, the whole file one document (`.txt`, `.md`, `.py`, ...).
 
 `load_corpus` reads every file once and raises `DataError` with one line naming `FILE` or

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from v4jax.model import remat as remat_policy
 from v4jax.numerics.policy import jit
 from v4jax.train import losses
 from v4jax.train.model import TrainModel
@@ -61,22 +62,33 @@ class LossWeights:
     bias_rate: float = 1e-3
 
 
-def init_state(tm: TrainModel, optimizer: optax.GradientTransformation, *, seed: int = 0):
-    """The state at step 0 of a run that starts from `tm`."""
+def init_state(
+    tm: TrainModel, optimizer: optax.GradientTransformation, *, seed: int = 0, copy: bool = True
+):
+    """The state at step 0 of a run that starts from `tm`.
+
+    The step donates its state, so by default the state holds copies of `tm`'s arrays and `tm`
+    stays usable. `copy=False` hands `tm`'s own buffers to the state (no second copy of the
+    weights in memory); the first step then deletes them and `tm` must not be used again."""
     rng = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
-    return TrainState(
-        tm.params, optimizer.init(tm.params), tm.frozen, jnp.zeros((), jnp.int32), rng
-    )
+    params, frozen = tm.params, tm.frozen
+    if copy:
+        params, frozen = jax.tree.map(jnp.copy, (params, frozen))
+    return TrainState(params, optimizer.init(params), frozen, jnp.zeros((), jnp.int32), rng)
 
 
-def make_step(tm: TrainModel, optimizer, schedule, weights: LossWeights = LossWeights()):
+def make_step(
+    tm: TrainModel, optimizer, schedule, weights: LossWeights = LossWeights(), *, remat="none"
+):
     """A jitted `step(state, tokens [A, B, S], mask [A, B, S]) -> (state, metrics)`.
 
     `tm` supplies the static parts (config, graph, numerics); its arrays are not used.
     Micro-batch i's terms are weighted by its share of the step's targets (LM: mask[:, 1:];
     MTP: `losses.mtp_mask`), its balance and indexer terms by 1 / A (they are means over
     sequences / queries), so the accumulated gradient is the gradient of the whole batch's
-    objective."""
+    objective. `remat`: the blocks' rematerialisation policy (`v4jax.model.remat`: "none",
+    "block", "tensors", "save:NAME,..."), which trades memory for recomputation."""
+    remat_policy.check(remat)
     skeleton = tm.replace(params=None, frozen=None)
     use_mtp = weights.mtp is None or weights.mtp != 0
 
@@ -90,6 +102,7 @@ def make_step(tm: TrainModel, optimizer, schedule, weights: LossWeights = LossWe
             mtp_weight=1.0 if use_mtp else 0.0,
             balance_weight=weights.balance,
             indexer_weight=weights.indexer,
+            remat=remat,
         )
         total = lm_s * m["lm"] + mtp_s * mtp_w * m["mtp"]
         total = total + rest_s * (
@@ -134,7 +147,7 @@ def make_step(tm: TrainModel, optimizer, schedule, weights: LossWeights = LossWe
         parts0 = {k: jnp.zeros((), F32) for k in ("lm", "mtp", "balance", "indexer_kl")}
         init = (jnp.zeros((), F32), zero(g0), parts0, zero(m0["expert_counts"]))
         (loss, grads, parts, counts), _ = jax.lax.scan(body, init, (tokens, mask, *scales))
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
