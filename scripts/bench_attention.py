@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import pathlib
 import platform
 import statistics
 import time
@@ -334,17 +335,56 @@ def _line(r: dict) -> str:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def fail(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def selected(a: argparse.Namespace, small: bool) -> list[Shape]:
+    """The shapes this run measures (--only, --backward: prefill shapes only)."""
+    return [
+        sh
+        for sh in shapes(small, a.batch)
+        if (not a.only or a.only in sh.name) and (not a.backward or sh.mode == "prefill")
+    ]
+
+
+def check_args(ap: _Parser, a: argparse.Namespace, small: bool) -> None:
+    """Every flag before anything is measured; --json's folder is created now."""
+    if a.batch < 1:
+        ap.fail(f"--batch must be >= 1, not {a.batch}")
+    if a.reps is not None and a.reps < 1:
+        ap.fail(f"--reps must be >= 1, not {a.reps}")
+    if not selected(a, small):
+        mode = " among the prefill shapes (--backward)" if a.backward else ""
+        example = shapes(small, a.batch)[-1].name
+        ap.fail(f"--only {a.only!r} matches no shape{mode}; names look like {example!r}")
+    out = pathlib.Path(a.json)
+    if out.is_dir():
+        ap.fail(f"--json {out} is a directory: give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.fail(f"--json {out}: cannot create its folder ({e.strerror})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="scaled-down shapes (CPU)")
     ap.add_argument("--json", default="bench_attention.json")
     ap.add_argument("--batch", type=int, default=64, help="decode sequences")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--only", default=None, help="substring filter on shape names")
     ap.add_argument("--backward", action="store_true", help="fwd+bwd at the prefill shapes")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     backend = jax.default_backend()
     small = a.small or backend == "cpu"
+    check_args(ap, a, small)
     reps = a.reps or (5 if small else 20)
     ceil = measure_ceilings(small)
     print(
@@ -355,9 +395,7 @@ def main() -> None:
         print("small shapes; Pallas kernel interpreted for correctness only, XLA paths timed")
     print("err = max|out - reference| / max|reference| (1 bf16 ulp of the scale: 3.9e-3..7.8e-3)")
     rows = []
-    for sh in shapes(small, a.batch):
-        if (a.only and a.only not in sh.name) or (a.backward and sh.mode != "prefill"):
-            continue
+    for sh in selected(a, small):
         run = run_shape_backward if a.backward else run_shape
         for r in run(sh, ceil, small, reps):
             print(_line(r), flush=True)

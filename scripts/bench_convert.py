@@ -28,6 +28,29 @@ from v4jax.checkpoint.synthetic import large_config
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "v4-tiny-flash"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def fail(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def check_args(ap: _Parser, args: argparse.Namespace) -> None:
+    """--work must be an existing writable folder; --json's folder is created now."""
+    if args.work is not None and not args.work.is_dir():
+        ap.fail(f"--work {args.work}: not an existing folder")
+    if args.work is not None and not os.access(args.work, os.W_OK):
+        ap.fail(f"--work {args.work}: not writable")
+    if args.json is not None:
+        if args.json.is_dir():
+            ap.fail(f"--json {args.json} is a directory: give a file name")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            ap.fail(f"--json {args.json}: cannot create its folder ({e.strerror})")
 
 
 def sequential_read(folder: pathlib.Path) -> tuple[int, float]:
@@ -89,12 +112,13 @@ def bench_case(name: str, src: pathlib.Path, work: pathlib.Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=pathlib.Path, default=None, help="scratch dir (default: tmp)")
     ap.add_argument("--json", type=pathlib.Path, default=None)
     ap.add_argument("--no-big", action="store_true", help="only the tiny fixture")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_convert-", dir=args.work))
     try:
         rows = bench_case("tiny-fixture", FIXTURE, work)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import pathlib
 import sys
 
 import jax
@@ -282,8 +283,33 @@ def print_impl(name: str, res: dict, t: int, layers: int) -> None:
         print("note:", n)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def fail(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def check_args(ap: _Parser, args: argparse.Namespace) -> None:
+    """Every flag before anything is traced; --out's folder is created now."""
+    for flag, v in (("--tokens", args.tokens), ("--context", args.context)):
+        if v < 1:
+            ap.fail(f"{flag} must be >= 1, not {v}")
+    if args.out is not None:
+        out = pathlib.Path(args.out)
+        if out.is_dir():
+            ap.fail(f"--out {out} is a directory: give a file name")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            ap.fail(f"--out {out}: cannot create its folder ({e.strerror})")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = _Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=4096, help="prefill length T")
     ap.add_argument("--context", type=int, default=4096, help="decode cache max_len")
     ap.add_argument(
@@ -291,8 +317,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
-    if args.tokens < 1 or args.context < 1:
-        ap.error("--tokens and --context must be >= 1")
+    check_args(ap, args)
     has_switch = hasattr(experts, "implementation")
     impls = args.impl or (IMPLS if has_switch else ("current",))
     full = config.flash()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import platform
 import statistics
 import time
@@ -151,8 +152,38 @@ def gpu(args) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def fail(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def check_args(ap: _Parser, args: argparse.Namespace) -> None:
+    """Every flag before anything is built or timed; --out's folder is created now."""
+    for flag, v in (("--dim", args.dim), ("--inter", args.inter)):
+        if v is not None and (v < 128 or v % 128):
+            ap.fail(f"{flag} must be a positive multiple of 128 (FP8 blocks), not {v}")
+    if args.experts < 6:
+        ap.fail(f"--experts must be >= 6 (6 routed experts per token), not {args.experts}")
+    for flag, v in (("--tokens", args.tokens), ("--reps", args.reps)):
+        if v < 1:
+            ap.fail(f"{flag} must be >= 1, not {v}")
+    if args.out is not None:
+        out = pathlib.Path(args.out)
+        if out.is_dir():
+            ap.fail(f"--out {out} is a directory: give a file name")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            ap.fail(f"--out {out}: cannot create its folder ({e.strerror})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = _Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--gpu", action="store_true", help="Flash-width GPU measurement")
     ap.add_argument("--dim", type=int, help="D (default: 256 CPU sweep, 4096 --gpu)")
@@ -160,7 +191,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=256, help="E (--gpu)")
     ap.add_argument("--tokens", type=int, default=4096, help="prefill tokens (--gpu)")
     ap.add_argument("--reps", type=int, default=5, help="timed calls per point")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
     res = gpu(args) if args.gpu else cpu(args)
     res.update(backend=jax.default_backend(), host=platform.node(), jax=jax.__version__)
     if args.out:

@@ -5,12 +5,15 @@
 
 Streams tensor by tensor (host memory stays near one 16 MiB block), writes to a temporary
 directory next to DST and renames it when complete. Exit status 2 with one `error: ...` line on
-any bad input (the library's `CheckpointError`).
+any bad input (a usage error, or the library's `CheckpointError` / `ConfigError`), checked
+before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 import sys
 
 from v4jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
@@ -18,8 +21,16 @@ from v4jax.checkpoint.errors import CheckpointError
 from v4jax.config import ConfigError
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2; the
+    sub-command parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> _Parser:
+    ap = _Parser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     for name, text in (
         ("hf-to-orbax", "official release folder -> v4jax Orbax checkpoint"),
@@ -46,8 +57,23 @@ def one_line(e: BaseException) -> str:
     return " ".join(lines[:1]) + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
 
 
+def check_dst(ap: _Parser, dst: str) -> None:
+    """DST's folder must be creatable: no ancestor is a file, the nearest existing one is
+    writable (the library checks the rest: SRC, overwriting, DST inside SRC)."""
+    path = pathlib.Path(dst).absolute()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                ap.error(f"DST {dst}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                ap.error(f"DST {dst}: cannot write in {parent}")
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    check_dst(ap, args.dst)
     progress = not args.no_progress
     try:
         if args.command == "hf-to-orbax":
@@ -59,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled up; the partial output is already removed
+        print(f"error: {e.filename or args.dst}: {e.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # the partial output is already removed
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130

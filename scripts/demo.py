@@ -3,12 +3,17 @@ format -> Orbax -> load -> agreement with the official logits -> prefill + greed
 a short evaluation -> export back to the release format, checked byte for byte.
 
     .venv/bin/python scripts/demo.py [--fixture DIR] [--workdir DIR]
+
+Without --workdir it works in a temporary folder that is removed at the end (also on an error or
+Ctrl-C); with --workdir the converted and exported checkpoints are kept there. The fixture and
+the work folder are checked before anything runs: a bad one is one `error: ...` line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -17,7 +22,10 @@ import numpy as np
 
 import v4jax
 from v4jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
+from v4jax.checkpoint.errors import CheckpointError
+from v4jax.checkpoint.orbax_io import Kind, detect
 from v4jax.checkpoint.safetensors import ShardedCheckpoint
+from v4jax.config import ConfigError
 from v4jax.eval import Document, Scorer, passkey, perplexity
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "v4-tiny-flash"
@@ -38,17 +46,56 @@ def same_release(a: pathlib.Path, b: pathlib.Path) -> tuple[int, int]:
         return len(names), bad + len(set(y.keys()) - set(names))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def fail(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def check_args(ap: _Parser, a: argparse.Namespace) -> None:
+    """--fixture must be a release folder with the official logits; --workdir a folder (made)."""
+    if detect(a.fixture) is not Kind.RELEASE or not (a.fixture / "golden.npz").is_file():
+        ap.fail(
+            f"--fixture {a.fixture}: not a release folder with golden.npz (the official "
+            "logits), like tests/data/v4-tiny-flash"
+        )
+    if a.workdir is not None:
+        if a.workdir.exists() and not a.workdir.is_dir():
+            ap.fail(f"--workdir {a.workdir}: is a file, not a folder")
+        try:
+            a.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            ap.fail(f"--workdir {a.workdir}: cannot create it ({e.strerror})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--fixture", type=pathlib.Path, default=FIXTURE)
-    ap.add_argument("--workdir", type=pathlib.Path, default=None)
-    a = ap.parse_args()
-    work = a.workdir or pathlib.Path(tempfile.mkdtemp(prefix="v4jax-demo-"))
-    golden = dict(np.load(a.fixture / "golden.npz"))
+    ap.add_argument("--workdir", type=pathlib.Path, default=None, help="keep the outputs here")
+    a = ap.parse_args(argv)
+    check_args(ap, a)
+    try:
+        if a.workdir is not None:
+            run(a.fixture, a.workdir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="v4jax-demo-") as tmp:
+                run(a.fixture, pathlib.Path(tmp))
+    except (CheckpointError, ConfigError) as e:  # e.g. a damaged fixture
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(fixture: pathlib.Path, work: pathlib.Path) -> None:
+    golden = dict(np.load(fixture / "golden.npz"))
     print(f"jax {jax.__version__} on {jax.default_backend()}; working in {work}")
 
     step("convert the release folder to Orbax")
-    conv = hf_to_orbax(a.fixture, work / "orbax", overwrite=True)
+    conv = hf_to_orbax(fixture, work / "orbax", overwrite=True)
     print(
         f"{conv.tensors} tensors, {conv.nbytes / 1e6:.1f} MB in {conv.seconds:.2f} s "
         f"-> {work / 'orbax'} (release formats kept: FP8 / packed FP4 + E8M0 scales)"
@@ -89,9 +136,9 @@ def main() -> None:
 
     step("export back to the release format")
     orbax_to_hf(work / "orbax", work / "release", overwrite=True)
-    n, bad = same_release(a.fixture, work / "release")
+    n, bad = same_release(fixture, work / "release")
     print(f"{n} tensors compared with the original: {bad} differ in name, dtype, shape or bytes")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

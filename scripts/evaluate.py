@@ -8,20 +8,28 @@ TASK: `perplexity` (--data: plain text, or jsonl with `text` or `tokens` per lin
 `multiple-choice` (--data: jsonl with `context`, `choices`, `answer`, or `context_tokens`,
 `choices_tokens`, `answer`; --delimiter), `passkey` (--context-len N [N ...], --samples,
 --candidates). `--checkpoint tiny-random` evaluates a random `v4jax.config.tiny()` model.
-Formats and conventions: `v4jax/eval/`. Bad arguments or data: one line on stderr, exit 2.
+Formats and conventions: `v4jax/eval/`.
+
+Everything but the scoring is checked before the model is loaded: the flags, the checkpoint's
+config, the data file (read and tokenized once), every request the task will build (a dry run
+of the task with placeholder scores), and the `--output` folder (created now). A bad input is
+one `error: ...` line on stderr naming the flag or file, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +37,7 @@ from tqdm import tqdm
 
 import v4jax
 from v4jax import eval as ev
+from v4jax.checkpoint import orbax_io
 from v4jax.tokenizer import VOCAB_SIZE, load_tokenizer
 
 TASKS = ("perplexity", "multiple-choice", "passkey")
@@ -36,33 +45,45 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    check_flags(ap, args)
+    try:  # everything but the scoring itself: a bad input fails before the model loads
+        prepare_output(ap, args.output)
+        cfg = _config(args.checkpoint)
+        tok = _tokenizer(ap, args, cfg)
+        max_len = check_sizes(ap, args, cfg)
+        data = _load_data(args, cfg.vocab_size, max_len, tok)
+        _dry_run(ap, args, _DryScorer(cfg, max_len, args), tok, data)
         model = _model(args)
-        tok = load_tokenizer(args.tokenizer) if model.config.vocab_size == VOCAB_SIZE else None
-        scorer = ev.Scorer(
-            model, max_len=args.max_len, batch_size=args.batch_size, buckets=args.buckets
-        )
-        t0 = time.perf_counter()
-        results = _run(args, scorer, tok)
-        elapsed = time.perf_counter() - t0
+        scorer = ev.Scorer(model, max_len=max_len, batch_size=args.batch_size, buckets=args.buckets)
     except (ev.DataError, ValueError, OSError) as e:  # CheckpointError, ConfigError: ValueError
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
+    t0 = time.perf_counter()
+    results = _run(args, scorer, tok, data, bar=_Bar)
+    elapsed = time.perf_counter() - t0
     report = {
         "task": args.task,
         "results": results,
         "settings": _settings(args, model, scorer, elapsed),
     }
     _print_table(report)
-    if args.output:
-        args.output.write_text(json.dumps(_clean(report), indent=1) + "\n")
-        print(f"wrote {args.output}")
-    return 0
+    return _write(args.output, report)
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def fail(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def _parser() -> _Parser:
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("task", choices=TASKS)
     ap.add_argument("--checkpoint", required=True, help="release folder, or tiny-random")
     ap.add_argument("--data", type=pathlib.Path, help="input file (perplexity, multiple-choice)")
@@ -91,6 +112,90 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers") from None
 
 
+def check_flags(ap: _Parser, args: argparse.Namespace) -> None:
+    """The flags on their own and against the task (no file read); a refusal names the flag."""
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-len", args.max_len),
+        ("--stride", args.stride),
+        ("--samples", args.samples),
+        ("--candidates", args.candidates),
+    ):
+        if value is not None and value < 1:
+            ap.fail(f"{flag} must be >= 1, not {value}")
+    if args.buckets is not None and (not args.buckets or min(args.buckets) < 1):
+        ap.fail(f"--buckets must be positive lengths, e.g. 512,2048, not {args.buckets}")
+    if args.context_len is not None and min(args.context_len) < 1:
+        ap.fail(f"--context-len must be >= 1, not {min(args.context_len)}")
+    needs_data = args.task in ("perplexity", "multiple-choice")
+    if needs_data and args.data is None:
+        ap.fail(f"{args.task} needs --data FILE")
+    if not needs_data and args.data is not None:
+        ap.fail("--data is not used by passkey (its samples are generated)")
+    if args.task != "passkey" and args.context_len is not None:
+        ap.fail("--context-len only applies to passkey")
+    if args.task != "perplexity" and args.stride is not None:
+        ap.fail("--stride only applies to perplexity")
+
+
+def prepare_output(ap: _Parser, path: pathlib.Path | None) -> None:
+    """Creates --output's folder now, so that the results can be written after scoring."""
+    if path is None:
+        return
+    if path.is_dir():
+        ap.fail(f"--output {path} is a directory: give a file name, e.g. {path / 'results.json'}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            ap.fail(f"--output {path}: {parent} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.fail(f"--output {path}: cannot create its folder ({e.strerror})")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        ap.fail(f"--output {path}: not writable")
+
+
+def _config(checkpoint: str) -> v4jax.config.ModelConfig:
+    """The checkpoint's config, without its weights."""
+    if checkpoint == "tiny-random":
+        return v4jax.config.tiny()
+    try:
+        return orbax_io.read_config(checkpoint)
+    except ValueError as e:  # CheckpointError, ConfigError
+        raise ValueError(f"--checkpoint: {e}") from None
+
+
+def _tokenizer(ap: _Parser, args: argparse.Namespace, cfg):
+    """The V4 tokenizer when the model has its vocabulary, else None (token-id data only)."""
+    if cfg.vocab_size != VOCAB_SIZE:
+        return None
+    try:
+        return load_tokenizer(args.tokenizer)
+    except Exception as e:  # tokenizers raises plain Exception for a malformed file
+        ap.fail(f"--tokenizer {args.tokenizer or '(default)'}: {str(e).splitlines()[0]}")
+
+
+def check_sizes(ap: _Parser, args: argparse.Namespace, cfg) -> int:
+    """--max-len (default: 2048, or the model's limit), --buckets, --stride, --context-len
+    against the model's max_position_embeddings; returns max_len."""
+    limit = cfg.max_position_embeddings
+    max_len = min(2048, limit) if args.max_len is None else args.max_len
+    if max_len > limit:
+        ap.fail(
+            f"--max-len must be <= {limit} (the model's max_position_embeddings), not {max_len}"
+        )
+    if args.buckets and max(args.buckets) > max_len:
+        ap.fail(f"--buckets must be <= --max-len ({max_len}), not {max(args.buckets)}")
+    if args.stride is not None and args.stride > max_len:
+        ap.fail(f"--stride must be <= --max-len ({max_len}), not {args.stride}")
+    if args.context_len and max(args.context_len) >= max_len:
+        ap.fail(
+            f"--context-len must be < --max-len ({max_len}; the key follows the context), "
+            f"not {max(args.context_len)}"
+        )
+    return max_len
+
+
 def _model(args) -> v4jax.Model:
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
     if args.checkpoint == "tiny-random":
@@ -99,29 +204,51 @@ def _model(args) -> v4jax.Model:
     return v4jax.load(args.checkpoint, numerics=args.numerics, dtype=dtype)
 
 
-def _run(args, scorer: ev.Scorer, tok) -> dict | list:
-    vocab = scorer.vocab_size
-    if args.task in ("perplexity", "multiple-choice") and args.data is None:
-        raise ValueError(f"{args.task} needs --data FILE")
+def _load_data(args, vocab: int, max_len: int, tok):
+    """The task's documents or items (DataError naming the file and line), or None (passkey)."""
     if args.task == "perplexity":
-        docs = ev.load_documents(args.data, vocab_size=vocab, tokenizer=tok)
-        with _Bar("perplexity") as bar:
-            res = ev.perplexity(scorer, docs, stride=args.stride, progress=bar)
+        return ev.load_documents(args.data, vocab_size=vocab, tokenizer=tok)
+    if args.task == "multiple-choice":
+        return ev.load_items(
+            args.data, vocab_size=vocab, max_len=max_len, tokenizer=tok, delimiter=args.delimiter
+        )
+    return None
+
+
+class _DryScorer(ev.Scorer):
+    """A Scorer without a model: `_run` with it builds and checks every request of the task
+    (sizes, context lengths, candidate counts) before any weight is loaded; the scores it
+    returns are placeholders."""
+
+    def __init__(self, cfg, max_len: int, args):
+        model = types.SimpleNamespace(config=cfg)  # Scorer reads only the config here
+        super().__init__(model, max_len=max_len, batch_size=args.batch_size, buckets=args.buckets)
+
+    def loglikelihood(self, requests, *, progress=None):
+        return [ev.Loglik(0.0, len(r.continuation), False) for r in requests]
+
+
+def _dry_run(ap: _Parser, args, scorer: _DryScorer, tok, data) -> None:
+    try:
+        _run(args, scorer, tok, data, bar=None)
+    except ValueError as e:  # passkey: the message names context_len / num_candidates
+        ap.fail(f"--context-len / --candidates: {e}" if args.task == "passkey" else str(e))
+
+
+def _run(args, scorer: ev.Scorer, tok, data, bar) -> dict | list:
+    """The task's results; `bar(desc)`: a progress context (None: none)."""
+    progress = bar or (lambda desc: contextlib.nullcontext())
+    if args.task == "perplexity":
+        with progress("perplexity") as p:
+            res = ev.perplexity(scorer, data, stride=args.stride, progress=p)
         return dataclasses.asdict(res)
     if args.task == "multiple-choice":
-        items = ev.load_items(
-            args.data,
-            vocab_size=vocab,
-            max_len=scorer.max_len,
-            tokenizer=tok,
-            delimiter=args.delimiter,
-        )
-        with _Bar("multiple-choice") as bar:
-            res = ev.multiple_choice(scorer, items, progress=bar)
+        with progress("multiple-choice") as p:
+            res = ev.multiple_choice(scorer, data, progress=p)
         return {k: v for k, v in dataclasses.asdict(res).items() if k != "items"}
     out = []
     for n in args.context_len or [scorer.max_len - 16]:
-        with _Bar(f"passkey {n}") as bar:
+        with progress(f"passkey {n}") as p:
             res = ev.passkey(
                 scorer,
                 context_len=n,
@@ -129,7 +256,7 @@ def _run(args, scorer: ev.Scorer, tok) -> dict | list:
                 num_candidates=args.candidates,
                 tokenizer=tok,
                 seed=args.seed,
-                progress=bar,
+                progress=p,
             )
         out.append(dataclasses.asdict(res))
     return out
@@ -207,10 +334,28 @@ def _print_table(report: dict) -> None:
     for k in ("checkpoint", "numerics", "dtype", "max_len", "batch_size", "device", "git_commit"):
         print(f"  {k:22} {_fmt(s[k])}")
     print(f"  {'throughput':22} {_fmt(s['tokens_per_second'])} tokens/s (compilation excluded)")
+    shapes = ", ".join(f"{b}x{n}" for b, n in s["step_shapes"])
     print(
-        f"  {'compilations':22} {s['compilations']} ({s['compile_seconds']:.1f} s; "
-        f"{len(s['step_shapes'])} step shapes)"
+        f"  {'XLA compilations':22} {s['compilations']} in {s['compile_seconds']:.1f} s: the "
+        f"model and the scoring step at each padded [batch x length] shape ({shapes}), "
+        "plus small array helpers"
     )
+
+
+def _write(path: pathlib.Path | None, report: dict) -> int:
+    """Writes the JSON report; if that fails now (the folder was checked before scoring), the
+    report goes to stdout instead, so the results are never lost."""
+    if path is None:
+        return 0
+    text = json.dumps(_clean(report), indent=1) + "\n"
+    try:
+        path.write_text(text)
+    except OSError as e:
+        print(text)
+        print(f"error: --output {path}: {e.strerror}; the JSON report is above", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
 
 
 def _fmt(v) -> str:

@@ -2,6 +2,11 @@
 
     .venv/bin/python scripts/generate.py --checkpoint DIR --chat "Hello"
     .venv/bin/python scripts/generate.py --checkpoint tiny-random --tokens 0,17,42 -n 16
+
+Every flag and the prompt are checked against the checkpoint's config (read without the weights)
+before the model is loaded or compiled; a bad one is one `error: ...` line, exit status 2.
+Timings report compilation (tracing, lowering and XLA compile, from `jax.monitoring`)
+separately from the prefill and decode rates.
 """
 
 from __future__ import annotations
@@ -15,12 +20,31 @@ import jax.numpy as jnp
 import numpy as np
 
 import v4jax
+from v4jax.checkpoint import orbax_io
+from v4jax.config import ModelConfig
 from v4jax.decode.sampling import sample
 from v4jax.tokenizer import load_tokenizer
 
+_COMPILE_EVENTS = (  # jax._src.dispatch: tracing, lowering to MLIR, XLA compilation
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_seconds = [0.0]
 
-def _args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def fail(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def _parser() -> _Parser:
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="release folder or 'tiny-random'")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="raw text (BOS added)")
@@ -35,8 +59,83 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--numerics", default="reference", choices=["reference", "bf16"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--max-len", type=int, default=None)
-    return ap.parse_args()
+    ap.add_argument("--max-len", type=int, default=None, help="cache length (default: needed)")
+    return ap
+
+
+def check_flags(ap: _Parser, a: argparse.Namespace) -> None:
+    """The flags on their own (no file read); a refusal names the flag."""
+    if a.max_new_tokens < 1:
+        ap.fail(f"-n must be >= 1, not {a.max_new_tokens}")
+    if a.temperature < 0:
+        ap.fail(f"--temperature must be >= 0, not {a.temperature}")
+    if a.top_k < 0:
+        ap.fail(f"--top-k must be >= 0 (0: off), not {a.top_k}")
+    if not 0 < a.top_p <= 1:
+        ap.fail(f"--top-p must be in (0, 1] (1: off), not {a.top_p}")
+    if a.max_len is not None and a.max_len < 1:
+        ap.fail(f"--max-len must be >= 1, not {a.max_len}")
+    if a.chat is None and (a.system is not None or a.thinking):
+        ap.fail("--system and --thinking only apply to --chat")
+
+
+def check_inputs(ap: _Parser, a: argparse.Namespace):
+    """The prompt and the sizes against the checkpoint's config (no weights loaded):
+    (prompt ids, cache length, tokenizer or None). Library errors (a bad folder, config or
+    chat message) propagate."""
+    cfg = checkpoint_config(a.checkpoint)
+    if a.top_k > cfg.vocab_size:
+        ap.fail(f"--top-k must be <= the vocabulary ({cfg.vocab_size}), not {a.top_k}")
+    tok = None if a.tokens is not None else load_tokenizer()
+    ids = _prompt(ap, a, tok, cfg.vocab_size)
+    need = len(ids) + a.max_new_tokens - 1  # the last sampled token is not fed back
+    if a.max_len is not None and a.max_len < need:
+        ap.fail(
+            f"--max-len {a.max_len} is too small: the prompt ({_tokens(len(ids))}) and "
+            f"-n {a.max_new_tokens} need {need}"
+        )
+    max_len = a.max_len or need
+    if max_len > cfg.max_position_embeddings:
+        ap.fail(
+            f"the prompt ({_tokens(len(ids))}) + -n {a.max_new_tokens} (or --max-len) exceed "
+            f"the model's max_position_embeddings ({cfg.max_position_embeddings})"
+        )
+    return ids, max_len, tok
+
+
+def checkpoint_config(path: str) -> ModelConfig:
+    """The config of 'tiny-random', a release folder or a v4jax Orbax checkpoint (cheap)."""
+    if path == "tiny-random":
+        return v4jax.config.tiny()
+    try:
+        return orbax_io.read_config(path)
+    except ValueError as e:  # CheckpointError, ConfigError
+        raise ValueError(f"--checkpoint: {e}") from None
+
+
+def _prompt(ap: _Parser, a: argparse.Namespace, tok, vocab: int) -> list[int]:
+    if a.tokens is not None:
+        parts = [p.strip() for p in a.tokens.split(",")]
+        bad = [p for p in parts if not p.lstrip("-").isdigit()]
+        if bad or not a.tokens.strip():
+            what = f"{bad[0]!r} is not a token id" if bad and a.tokens.strip() else "no token ids"
+            ap.fail(f"--tokens: {what} (expected e.g. 0,17,42)")
+        ids = [int(p) for p in parts]
+        if min(ids) < 0 or max(ids) >= vocab:
+            ap.fail(f"--tokens: ids must be in [0, {vocab}) (the model's vocabulary)")
+        return ids
+    if a.chat is not None:
+        msgs = [{"role": "system", "content": a.system}] if a.system else []
+        ids = tok.encode_chat([*msgs, {"role": "user", "content": a.chat}], thinking=a.thinking)
+    else:
+        ids = tok.encode(a.prompt, add_bos=True)
+    if max(ids) >= vocab:
+        flag = "--chat" if a.chat is not None else "--prompt"
+        ap.fail(
+            f"{flag}: the V4 tokenizer gives ids up to {max(ids)} but the model's "
+            f"vocabulary has {vocab}: use --tokens for small test models"
+        )
+    return ids
 
 
 def _model(a):
@@ -45,56 +144,69 @@ def _model(a):
     return v4jax.load(a.checkpoint, numerics=a.numerics, dtype=a.dtype)
 
 
-def _prompt(a, tok, vocab: int) -> list[int]:
-    if a.tokens:
-        return [int(t) for t in a.tokens.split(",")]
-    if a.chat is not None:
-        msgs = ([{"role": "system", "content": a.system}] if a.system else [])
-        ids = tok.encode_chat([*msgs, {"role": "user", "content": a.chat}], thinking=a.thinking)
-    else:
-        ids = tok.encode(a.prompt, add_bos=True)
-    if max(ids) >= vocab:
-        raise ValueError(f"the prompt uses token ids up to {max(ids)} but the model's vocabulary "
-                         f"has {vocab}: use --tokens for small test models")
-    return ids
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
 
 
-def main() -> int:
-    a = _args()
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    check_flags(ap, a)
     if a.dtype == "float32" and a.numerics == "reference":
         a.numerics = "bf16"  # float32 is only defined for the bf16 mode
-    model = _model(a)
-    tok = load_tokenizer() if not a.tokens else None
-    ids = _prompt(a, tok, model.config.vocab_size)
+    try:
+        ids, max_len, tok = check_inputs(ap, a)
+        model = _model(a)
+    except (ValueError, TypeError, OSError) as e:  # CheckpointError, ConfigError: ValueError
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    _generate(a, model, tok, ids, max_len)
+    return 0
+
+
+def _generate(a, model, tok, ids: list[int], max_len: int) -> None:
     s = v4jax.Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    cache = model.init_cache(1, a.max_len or len(ids) + a.max_new_tokens)
-    t0 = time.perf_counter()
+    cache = model.init_cache(1, max_len)
+    t0, c0 = time.perf_counter(), _compile_seconds[0]
     logits, cache = model.prefill(np.asarray([ids]), cache)
     jax.block_until_ready(logits)
-    t_prefill = time.perf_counter() - t0
-    key, out, t1 = jax.random.key(a.seed), [], None
+    prefill_s, prefill_c = time.perf_counter() - t0, _compile_seconds[0] - c0
+    key, out, steps = jax.random.key(a.seed), [], 0
+    t1, c1 = time.perf_counter(), _compile_seconds[0]
     for i in range(a.max_new_tokens):
         nxt = sample(logits, jax.random.fold_in(key, i), s)
         out.append(int(nxt[0]))
         print(tok.decode(out[-1:]) if tok else f"{out[-1]} ", end="", flush=True)
-        if out[-1] == model.config.eos_token_id:
+        if out[-1] == model.config.eos_token_id or i == a.max_new_tokens - 1:
             break
         logits, cache = model.decode_step(jnp.asarray(nxt), cache)
-        if t1 is None:
-            jax.block_until_ready(logits)
-            t1 = time.perf_counter()  # the first step includes compilation
+        steps += 1
     jax.block_until_ready(logits)
-    steps = max(len(out) - 2, 1)
-    decode_s = (time.perf_counter() - t1) if t1 else float("nan")
-    print(f"\n\nprefill: {len(ids)} tokens in {t_prefill:.2f} s (incl. compilation), "
-          f"{len(ids) / t_prefill:.1f} tok/s")
-    print(f"decode: {len(out)} tokens, {steps / decode_s:.1f} tok/s after the first step")
-    return 0
+    decode_s, decode_c = time.perf_counter() - t1, _compile_seconds[0] - c1
+    print(
+        f"\n\nprefill: {len(ids)} tokens in {prefill_s:.2f} s = compilation "
+        f"{prefill_c:.2f} s + run {prefill_s - prefill_c:.2f} s "
+        f"({_rate(len(ids), prefill_s - prefill_c)})"
+    )
+    if steps == 0:
+        print("decode: 1 token, sampled from the prefill's logits (no decode step)")
+        return
+    print(
+        f"decode: {len(out)} tokens, {steps} steps in {decode_s:.2f} s = compilation "
+        f"{decode_c:.2f} s + run {decode_s - decode_c:.2f} s "
+        f"({_rate(steps, decode_s - decode_c)}, sampling included)"
+    )
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token{'s' if n != 1 else ''}"
+
+
+def _rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:.1f} tok/s" if seconds > 0 else "too fast to time"
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, v4jax.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -7,9 +7,12 @@ runs) for abstract parameters (ShapeDtypeStructs with their NamedShardings: noth
 allocated) and prints, per device: parameter bytes (from the rules), the compiled program's
 argument and temporary bytes (`compiled.memory_analysis()`), a KV-cache estimate at the context
 length (v4-architecture.md section 8: CSA 320 B and HCA 8 B per token per layer in bf16, plus
-each layer's 128-slot window and compressor state), and whether it fits. The decode step's
-plan comes with the decode issue. Temporaries are those of the CPU compiler for a short prefill
+each layer's 128-slot window and compressor state), and whether it fits. Only the forward
+(prefill) program is compiled; the decode step's own temporaries are not planned here (its
+cache is the KV estimate above). Temporaries are those of the CPU compiler for a short prefill
 (`--batch` x `--seq`); a GPU compile schedules differently, so treat them as an estimate.
+Flags are checked before jax sets up devices or anything is compiled: a bad one is one
+`error: ...` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -22,8 +25,18 @@ import sys
 import time
 
 
-def _args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def fail(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def _parser() -> _Parser:
+    p = _Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("flash", "pro"), default="flash")
     p.add_argument("--mesh", default="expert=8", help="e.g. 'expert=8', 'data=2 x expert=8'")
     p.add_argument("--rules", choices=("decode", "train"), default="decode")
@@ -33,16 +46,34 @@ def _args(argv):
     p.add_argument("--seq", type=int, default=128, help="tokens of the compiled forward")
     p.add_argument("--hbm-gb", type=float, default=141.0, help="memory per device, GB (1e9 B)")
     p.add_argument("--reserve", type=float, default=0.08, help="fraction of HBM kept free")
-    return p.parse_args(argv)
+    return p
 
 
-def _fake_devices(mesh_spec: str) -> None:
-    """Fake CPU devices for the mesh; must run before jax is imported."""
-    n = math.prod(int(s) for s in re.findall(r"=\s*(\d+)", mesh_spec)) or 1
+def check_flags(ap: _Parser, a: argparse.Namespace) -> dict[str, int]:
+    """Every flag, before any device exists; returns the mesh axis sizes."""
+    from sharding.mesh import parse_mesh_spec  # imports jax; its devices are set up later
+
+    for flag, value in (("--context", a.context), ("--batch", a.batch), ("--seq", a.seq)):
+        if value < 1:
+            ap.fail(f"{flag} must be >= 1, not {value}")
+    if not a.hbm_gb > 0:
+        ap.fail(f"--hbm-gb must be > 0, not {a.hbm_gb}")
+    if not 0 <= a.reserve < 1:
+        ap.fail(f"--reserve must be in [0, 1), not {a.reserve}")
+    try:
+        return parse_mesh_spec(a.mesh)
+    except ValueError as e:
+        ap.fail(f"--mesh: {e}")
+
+
+def _fake_devices(n: int) -> None:
+    """`n` fake CPU devices: before the first use of jax's devices (jax may be imported)."""
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
     )
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # read at import: set it on jax's config too
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def kv_cache_bytes(cfg, context: int) -> int:
@@ -85,8 +116,10 @@ def cpu_upcast_bytes(hlo_text: str) -> int:
 
 
 def main(argv=None) -> int:
-    a = _args(argv)
-    _fake_devices(a.mesh)
+    ap = _parser()
+    a = ap.parse_args(argv)
+    sizes = check_flags(ap, a)
+    _fake_devices(math.prod(sizes.values()))
     import jax
     import jax.numpy as jnp
 
@@ -121,7 +154,7 @@ def main(argv=None) -> int:
     budget = a.hbm_gb * 1e9 * (1 - a.reserve)
     gb = lambda n: f"{n / 1e9:8.2f} GB"
     print(f"model {a.model}  mesh {dict(mesh.shape)}  rules {rules.name}  numerics {a.numerics}")
-    print(f"compiled forward: batch {a.batch} x {a.seq} tokens (decode step: decode issue)")
+    print(f"compiled forward (prefill): batch {a.batch} x {a.seq} tokens; decode step not compiled")
     print(f"lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s")
     print(f"parameters total        {gb(pb.total)}")
     print(f"parameters per device   {gb(pb.per_device)}  ({pb.per_device / pb.total:.4f} of total)")

@@ -111,3 +111,56 @@ def test_fixture_every_tensor_is_used(fixture_dir, tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(idx))
     with pytest.raises(v4jax.CheckpointError):
         v4jax.load(folder, progress=False)
+
+
+# ----------------------------------------------------------------------------- damaged Orbax
+
+
+@pytest.fixture()
+def orbax_copy(tmp_path, tensors):
+    from v4jax.checkpoint.convert import hf_to_orbax
+
+    hf_to_orbax(_write(tmp_path / "release", tensors), tmp_path / "orbax")
+    data = sorted((tmp_path / "orbax" / "state" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    return tmp_path / "orbax", data[-1]  # the largest data file holds most of the arrays
+
+
+def test_truncated_orbax_data_file(orbax_copy, capfd):
+    """A partial copy is refused by name before Orbax's threaded restore starts, so nothing
+    but the one error reaches stderr (it used to add ~36 lines of event-loop tracebacks)."""
+    folder, data = orbax_copy
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size // 2)
+    want = rf"{data.name} is truncated \({size // 2} bytes, \d+ referenced\)"
+    with pytest.raises(v4jax.CheckpointError, match=want):
+        v4jax.load(folder, progress=False)
+    data.unlink()
+    with pytest.raises(v4jax.CheckpointError, match=rf"{data.name} is missing"):
+        v4jax.load(folder, progress=False)
+    (folder / "state" / "manifest.ocdbt").unlink()  # found earlier, by the array check
+    with pytest.raises(v4jax.CheckpointError, match=r"state: array embed: NOT_FOUND"):
+        v4jax.load(folder, progress=False)
+    assert capfd.readouterr().err == ""
+
+
+def test_failed_threaded_restore_leaves_no_stray_tracebacks(orbax_copy, monkeypatch):
+    """Without the file check, Orbax's restore fails inside its event loop; the reads still in
+    flight then report "Event loop is closed" from tensorstore's threads through
+    sys.unraisablehook, after the error. The loader waits for them and drops only those:
+    nothing reaches the hook that was installed before the load."""
+    import sys
+    import time
+
+    from v4jax.checkpoint import orbax_io
+
+    folder, data = orbax_copy
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    monkeypatch.setattr(orbax_io, "check_data_files", lambda state: None)
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    with pytest.raises(v4jax.CheckpointError, match="Orbax restore failed: OUT_OF_RANGE"):
+        v4jax.load(folder, progress=False)
+    time.sleep(0.5)  # stray callbacks come within milliseconds of the failure
+    assert seen == []

@@ -27,11 +27,15 @@ checkpoint, onto any sharding; `orbax_restore` does that for the loader.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
 import math
 import os
+import re
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path as FsPath
 
@@ -45,7 +49,7 @@ from v4jax.checkpoint.names import Path, layer_slots, locate
 from v4jax.checkpoint.release import _raise
 from v4jax.checkpoint.safetensors import INDEX_FILE, SINGLE_FILE, numpy_dtype
 from v4jax.checkpoint.synthetic import release_tensor_specs
-from v4jax.config import ConfigError, ModelConfig, from_dict, to_dict
+from v4jax.config import ConfigError, ModelConfig, from_dict, from_json, to_dict
 
 MARKER, STATE, RELEASE = "v4jax.json", "state", "release"
 FORMAT, VERSION = "v4jax.orbax", 1
@@ -337,7 +341,10 @@ def read_marker(folder: str | os.PathLike) -> Marker:
     if d.get("version") != VERSION:
         raise CheckpointError(f"{path}: version {d.get('version')!r}, this v4jax reads {VERSION}")
     try:
-        return Marker(from_dict(d["config"]), Dtype.parse(d["dtype"]), bool(d.get("release")))
+        cfg = d["config"]
+        if isinstance(cfg, dict):  # markers written before rope_scaling was required omitted it
+            cfg = {"rope_scaling": None} | cfg  # exactly when there was no YaRN
+        return Marker(from_dict(cfg, "config"), Dtype.parse(d["dtype"]), bool(d.get("release")))
     except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path}: corrupted marker ({e})") from None
 
@@ -386,6 +393,15 @@ def require(folder: str | os.PathLike, *kinds: Kind) -> Kind:
     raise CheckpointError(f"{f}: not {wanted}{hint}")
 
 
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    """The config of a release folder (its config.json) or of a v4jax Orbax checkpoint (its
+    marker), without reading any weights: what a command checks its inputs against before
+    loading the model."""
+    if require(folder, Kind.RELEASE, Kind.ORBAX) is Kind.ORBAX:
+        return read_marker(folder).config
+    return from_json(folder)
+
+
 # --------------------------------------------------------------------------- restore
 
 
@@ -411,9 +427,10 @@ def orbax_restore(
             return ocp.ArrayRestoreArgs(sharding=shardings[p], global_shape=a.shape, dtype=a.dtype)
         return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
 
+    check_data_files(state)  # before the threaded restore: see `_stray_callbacks_muted`
     target, restore_args = _nested(leaves), _nested({p: args(p, a) for p, a in leaves.items()})
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with _stray_callbacks_muted(), ocp.PyTreeCheckpointer() as ckptr:
             tree = ckptr.restore(state, args=ocp.args.PyTreeRestore(target, restore_args))
     except Exception as e:  # Orbax / tensorstore raise many types; report one line
         raise CheckpointError(f"{state}: Orbax restore failed: {_first(e)}") from None
@@ -424,6 +441,83 @@ def orbax_restore(
             node = node[k]
         out[p] = node if p in shardings else placed(node, None)
     return out
+
+
+def check_data_files(state: str | os.PathLike) -> None:
+    """Every byte range that the newest version of the OCDBT database `state` references lies
+    inside an existing data file: a truncated or partial copy is refused here, in one line,
+    reading only the b-tree (kilobytes to megabytes), not the data."""
+    folder = FsPath(state).absolute()
+    ends: dict[str, int] = {}  # data file (relative to `folder`) -> bytes referenced
+    try:
+        kv = ts.KvStore.open(f"file://{folder}/").result()
+        versions = ts.ocdbt.dump(kv).result()["versions"]
+        root = max(versions, key=lambda v: v["generation_number"])["root"]
+        nodes = [root["location"]] if "location" in root else []  # none: an empty tree
+        _note_range(nodes, ends)
+        while nodes:  # one b-tree level at a time, the nodes of a level read concurrently
+            futures = [ts.ocdbt.dump(kv, n) for n in nodes]
+            refs = [s for f in futures for s in _strings(f.result()) if _LOCATION.match(s)]
+            _note_range(refs, ends)
+            nodes = [s for s in refs if s.startswith("btreenode::")]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: unreadable OCDBT index ({_first(e)})") from None
+    problems = []
+    for name, end in sorted(ends.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"data file {name} is missing")
+        elif (size := path.stat().st_size) < end:
+            problems.append(f"data file {name} is truncated ({size} bytes, {end} referenced)")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{folder}: {problems[0]}{more}: an incomplete copy or conversion")
+
+
+_LOCATION = re.compile(r"^(?:value|btreenode)::(.+):(\d+):(\d+)$")
+
+
+def _note_range(locations: list[str], ends: dict[str, int]) -> None:
+    for loc in locations:
+        name, offset, length = _LOCATION.match(loc).groups()
+        ends[name] = max(ends.get(name, 0), int(offset) + int(length))
+
+
+def _strings(x) -> list[str]:
+    """Every string inside a JSON-like value (`ts.ocdbt.dump` output)."""
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    return [s for v in x for s in _strings(v)] if isinstance(x, list) else []
+
+
+@contextlib.contextmanager
+def _stray_callbacks_muted(quiet_s: float = 0.2, limit_s: float = 5.0):
+    """When Orbax's restore fails, it closes its event loop while tensorstore reads are still
+    in flight; each then reports "RuntimeError: Event loop is closed" from tensorstore's own
+    threads (through `sys.unraisablehook`), dozens of tracebacks after the one-line error that
+    no try/except can catch. On failure, wait until those callbacks have stopped (`quiet_s`
+    without one, at most `limit_s`), dropping only them, then restore the hook and re-raise."""
+    previous, last = sys.unraisablehook, [time.monotonic()]
+
+    def hook(u) -> None:
+        if u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed":
+            last[0] = time.monotonic()
+        else:
+            previous(u)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        last[0] = time.monotonic()
+        end = last[0] + limit_s
+        while time.monotonic() < min(end, last[0] + quiet_s):
+            time.sleep(quiet_s / 4)
+        raise
+    finally:
+        sys.unraisablehook = previous
 
 
 def _nested(flat: Mapping[Path, object]) -> dict:
