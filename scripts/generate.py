@@ -1,6 +1,9 @@
 """Generate from a checkpoint: encode a prompt or a chat, stream the reply, print tokens/s.
 
     .venv/bin/python scripts/generate.py --checkpoint DIR --chat "Hello"
+    .venv/bin/python scripts/generate.py --checkpoint DIR --chat "Weather in Paris?" \
+        --tools tools.json          # the official tool format; tool calls printed parsed
+    .venv/bin/python scripts/generate.py --checkpoint DIR --messages conversation.json
     .venv/bin/python scripts/generate.py --checkpoint tiny-random --tokens 0,17,42 -n 16
 
 Every flag and the prompt are checked against the checkpoint's config (read without the weights)
@@ -12,6 +15,7 @@ separately from the prefill and decode rates.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -50,8 +54,16 @@ def _parser() -> _Parser:
     src.add_argument("--prompt", help="raw text (BOS added)")
     src.add_argument("--chat", help="a user message, V4 chat format")
     src.add_argument("--tokens", help="comma-separated token ids")
+    src.add_argument(
+        "--messages",
+        help="a JSON file: a list of chat messages, or {'messages': [...], 'tools': [...]}",
+    )
     ap.add_argument("--system", default=None, help="system prompt for --chat")
-    ap.add_argument("--thinking", action="store_true", help="thinking mode for --chat")
+    ap.add_argument("--tools", default=None, help="a JSON file: a list of tools, for --chat")
+    ap.add_argument("--thinking", action="store_true", help="thinking mode for chats")
+    ap.add_argument(
+        "--reasoning-effort", default=None, choices=["high", "max"], help="thinking chats"
+    )
     ap.add_argument("-n", "--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
@@ -75,8 +87,11 @@ def check_flags(ap: _Parser, a: argparse.Namespace) -> None:
         ap.fail(f"--top-p must be in (0, 1] (1: off), not {a.top_p}")
     if a.max_len is not None and a.max_len < 1:
         ap.fail(f"--max-len must be >= 1, not {a.max_len}")
-    if a.chat is None and (a.system is not None or a.thinking):
-        ap.fail("--system and --thinking only apply to --chat")
+    chat = a.chat is not None or a.messages is not None
+    if a.chat is None and (a.system is not None or a.tools is not None):
+        ap.fail("--system and --tools only apply to --chat (put them in --messages' file)")
+    if not chat and (a.thinking or a.reasoning_effort):
+        ap.fail("--thinking and --reasoning-effort only apply to --chat / --messages")
 
 
 def check_inputs(ap: _Parser, a: argparse.Namespace):
@@ -124,18 +139,55 @@ def _prompt(ap: _Parser, a: argparse.Namespace, tok, vocab: int) -> list[int]:
         if min(ids) < 0 or max(ids) >= vocab:
             ap.fail(f"--tokens: ids must be in [0, {vocab}) (the model's vocabulary)")
         return ids
-    if a.chat is not None:
-        msgs = [{"role": "system", "content": a.system}] if a.system else []
-        ids = tok.encode_chat([*msgs, {"role": "user", "content": a.chat}], thinking=a.thinking)
+    if a.chat is not None or a.messages is not None:
+        opts = dict(thinking=a.thinking, reasoning_effort=a.reasoning_effort)
+        ids = tok.encode_chat(_conversation(ap, a), **opts)
     else:
         ids = tok.encode(a.prompt, add_bos=True)
     if max(ids) >= vocab:
-        flag = "--chat" if a.chat is not None else "--prompt"
+        flag = next(f for f in ("chat", "messages", "prompt") if getattr(a, f) is not None)
+        flag = f"--{flag}"
         ap.fail(
             f"{flag}: the V4 tokenizer gives ids up to {max(ids)} but the model's "
             f"vocabulary has {vocab}: use --tokens for small test models"
         )
     return ids
+
+
+def _json_file(ap: _Parser, flag: str, path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        ap.fail(f"{flag} {path}: {e.strerror or e}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        ap.fail(f"{flag} {path}: not a UTF-8 JSON file ({e})")
+
+
+def _conversation(ap: _Parser, a: argparse.Namespace) -> list[dict]:
+    """The messages of --chat (+ --system, --tools) or of the --messages file."""
+    if a.messages is not None:
+        data = _json_file(ap, "--messages", a.messages)
+        tools = None
+        if isinstance(data, dict):
+            data, tools = data.get("messages"), data.get("tools")
+        if not isinstance(data, list) or not data:
+            ap.fail(f"--messages {a.messages}: expected a non-empty list of messages")
+        if tools is not None:  # the {"messages", "tools"} form: tools on the system message
+            data = list(data)
+            if data[0].get("role") == "system":
+                data[0] = {**data[0], "tools": tools}
+            else:
+                data.insert(0, {"role": "system", "content": "", "tools": tools})
+        return data
+    system = {"role": "system", "content": a.system or ""}
+    if a.tools is not None:
+        tools = _json_file(ap, "--tools", a.tools)
+        if not isinstance(tools, list):
+            ap.fail(f"--tools {a.tools}: expected a JSON list of tools")
+        system["tools"] = tools
+    head = [system] if a.system is not None or a.tools is not None else []
+    return [*head, {"role": "user", "content": a.chat}]
 
 
 def _model(a):
@@ -162,11 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
-    _generate(a, model, tok, ids, max_len)
+    out = _generate(a, model, tok, ids, max_len)
+    if a.chat is not None or a.messages is not None:
+        _print_parsed(tok, out, a.thinking)
     return 0
 
 
-def _generate(a, model, tok, ids: list[int], max_len: int) -> None:
+def _print_parsed(tok, out: list[int], thinking: bool) -> None:
+    """The reply as an assistant message (reasoning, content, DSML tool calls parsed)."""
+    try:
+        message = tok.parse_completion(out, thinking=thinking)
+    except ValueError as e:
+        print(f"(the reply does not parse as a complete assistant message: {e})".splitlines()[0])
+        return
+    print("assistant message: " + json.dumps(message, ensure_ascii=False))
+
+
+def _generate(a, model, tok, ids: list[int], max_len: int) -> list[int]:
     s = v4jax.Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     cache = model.init_cache(1, max_len)
     t0, c0 = time.perf_counter(), _compile_seconds[0]
@@ -192,12 +256,13 @@ def _generate(a, model, tok, ids: list[int], max_len: int) -> None:
     )
     if steps == 0:
         print("decode: 1 token, sampled from the prefill's logits (no decode step)")
-        return
+        return out
     print(
         f"decode: {len(out)} tokens, {steps} steps in {decode_s:.2f} s = compilation "
         f"{decode_c:.2f} s + run {decode_s - decode_c:.2f} s "
         f"({_rate(steps, decode_s - decode_c)}, sampling included)"
     )
+    return out
 
 
 def _tokens(n: int) -> str:

@@ -117,7 +117,33 @@ GENERATE = [
     (["--tokens", "1", "-n", "x"], "-n"),
     (["--tokens", "1", "--prompt", "x"], "--prompt"),
     (["--tokens", "1", "--numerics", "fp4"], "--numerics"),
+    (["--messages", "/nonexistent/chat.json"], "--messages"),
+    (["--tokens", "1", "--tools", "/nonexistent/tools.json"], "--tools"),
+    (["--prompt", "hi", "--reasoning-effort", "max"], "--reasoning-effort"),
+    (["--chat", "hi", "--reasoning-effort", "low"], "--reasoning-effort"),
 ]
+
+
+@pytest.mark.parametrize(
+    "content, flag, message",
+    [
+        ("{", "--messages", "not a UTF-8 JSON file"),
+        ('{"tools": []}', "--messages", "non-empty list of messages"),
+        ('[{"role": "user", "content": "hi"}, {"role": "wizard"}]', "--messages", "messages[1]"),
+        # a valid tool conversation: the encoding works, the tiny vocabulary then refuses it
+        (
+            '{"messages": [{"role": "user", "content": "Weather?"}], "tools": [{"type": '
+            '"function", "function": {"name": "w", "description": "d", "parameters": {}}}]}',
+            "--messages",
+            "vocabulary",
+        ),
+    ],
+)
+def test_generate_messages_file(scripts, no_model, capsys, tmp_path, content, flag, message):
+    path = tmp_path / "chat.json"
+    path.write_text(content)
+    argv = ["--checkpoint", "tiny-random", "--messages", str(path)]
+    _refused(scripts["generate"], argv, capsys, message)
 
 
 @pytest.mark.parametrize("argv, flag", GENERATE)
