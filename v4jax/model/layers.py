@@ -9,6 +9,7 @@ N = hc_mult residual streams. Logical axis names (mapped to mesh axes in `shardi
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -21,6 +22,23 @@ from v4jax.numerics import Precision, dequant_fp4, dequant_fp8_blocks, fp8_quant
 
 HI = jax.lax.Precision.HIGHEST
 F32 = jnp.float32
+MATMUL_OPERANDS = ("activation", "float32")
+# read at trace time; a jit-cache-sensitive context, so a function traced under the other
+# value is traced again (as `experts.implementation`)
+_OPERANDS = jax.make_user_context("activation")
+
+
+@contextlib.contextmanager
+def matmul_operands(mode: str):
+    """Selects the operands of the activation-dtype matmuls (`mm_act`, `act_einsum`) for code
+    traced inside the block: "activation" (default: activation-dtype operands, float32
+    accumulation) or "float32" (both operands float32 at HIGHEST precision, as the fp32
+    islands: the port's original numerics, kept for benchmarks and comparisons). Part of jit's
+    cache key."""
+    if mode not in MATMUL_OPERANDS:
+        raise ValueError(f"matmul_operands={mode!r}: expected one of {MATMUL_OPERANDS}")
+    with _OPERANDS(mode):
+        yield
 
 
 def param(shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -51,8 +69,8 @@ def mm_act(x: jnp.ndarray, w: jnp.ndarray, prec: Precision) -> jnp.ndarray:
 def act_einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray, prec: Precision) -> jnp.ndarray:
     """`jnp.einsum(spec, a, b)` -> float32 for operands whose values are exact in the activation
     dtype (see `mm_act`): activation-dtype operands, float32 accumulation; float32 HIGHEST when
-    the activation dtype is float32."""
-    if prec.dtype == jnp.dtype(F32):
+    the activation dtype is float32 or under `matmul_operands("float32")`."""
+    if prec.dtype == jnp.dtype(F32) or _OPERANDS.value == "float32":
         return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=HI)
     dt = prec.dtype
     return jnp.einsum(spec, a.astype(dt), b.astype(dt), preferred_element_type=F32)
