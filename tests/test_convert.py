@@ -1,12 +1,19 @@
 """Checkpoint conversion (issue 3): release <-> Orbax round trips byte for byte, equal logits,
-bad inputs named, interrupted conversions leave nothing that looks finished."""
+bad inputs named, interrupted conversions leave nothing that looks finished, and what a killed
+one leaves is cleaned up by the next (issue 14)."""
 
 import hashlib
 import importlib.util
 import json
+import logging
+import os
 import pathlib
+import shutil
+import signal
 import struct
+import subprocess
 import sys
+import textwrap
 
 import jax
 import ml_dtypes
@@ -23,13 +30,8 @@ from v4jax.checkpoint.safetensors import (
     write_index,
     write_safetensors,
 )
-from v4jax.checkpoint.synthetic import (
-    dequantize_fp4,
-    dequantize_fp8_blocks,
-    quantize_fp4_rows,
-    random_release_tensors,
-    write_release_checkpoint,
-)
+from v4jax.checkpoint.synthetic import random_release_tensors, write_release_checkpoint
+from v4jax.numerics.quantize import dequantize_fp4, dequantize_fp8_blocks
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 TOKENS = np.array([[3, 5, 7, 11, 13, 600, 2, 9, 1000, 42]])
@@ -211,16 +213,6 @@ def test_restore_places_leaves_with_given_shardings(fixture_orbax):
     assert all(np.array_equal(np.asarray(got[k]), np.asarray(plain[k])) for k in leaves)
 
 
-def test_fast_fp4_quantizer_matches_the_recipe():
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal((64, 256)) * rng.uniform(1e-4, 10, (64, 1))).astype(np.float32)
-    ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.0, -0.0, 1e-40, 4.5])
-    w[0, : 2 * ties.size] = np.concatenate([ties, -ties])
-    w[1] = 0.0
-    for a, b in zip(export.quantize_fp4(w), quantize_fp4_rows(w), strict=True):
-        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
-
-
 # ----------------------------------------------------------------------------- what a folder is
 
 
@@ -383,11 +375,63 @@ def test_interrupted_overwrite_keeps_the_old_output(tmp_path, tensors, monkeypat
     def failing(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "write_shard", failing)
+    monkeypatch.setattr(export, "write_safetensors_streamed", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         orbax_to_hf(orbax, dst, overwrite=True)
     assert _digests(dst) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# A conversion killed outright (SIGKILL: no `except`, no `finally`) in a child process while it
+# writes the Orbax state: the temporary folder it leaves is real, named by the real code.
+_KILLED = textwrap.dedent(
+    """
+    import os, signal, sys
+    from v4jax.checkpoint import convert, orbax_io
+    write = orbax_io.StateWriter.write
+    def write_then_die(self, *args):
+        write(self, *args)
+        os.kill(os.getpid(), signal.SIGKILL)
+    orbax_io.StateWriter.write = write_then_die
+    convert.hf_to_orbax(sys.argv[1], sys.argv[2])
+    """
+)
+
+
+def _hidden(folder: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_killed_conversion_is_cleaned_up_by_the_next(tmp_path, tensors, caplog):
+    src, out = _release(tmp_path / "s", tensors), tmp_path / "out"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # This process holds a live conversion's folder (`staged`) throughout: never removed.
+    with (
+        caplog.at_level(logging.WARNING, convert.__name__),
+        convert.staged(out / "c", False) as live,
+    ):
+        with subprocess.Popen([sys.executable, "-c", _KILLED, src, out / "a"], env=env) as child:
+            assert child.wait(timeout=300) == -signal.SIGKILL
+        (dead,) = set(_hidden(out)) - {live.name}  # partial state, no marker, no "a"
+        assert (out / dead / orbax_io.STATE).is_dir() and not (out / "a").exists()
+        _, dst, what, host, pid, _ = dead.split(".")
+        assert (dst, what, pid) == ("a", "v4jax-tmp", str(child.pid))
+        # Also kept: another host's folder (its PID means nothing here), the previous output
+        # of a killed overwrite whose DST is missing (the only copy), and a look-alike name.
+        foreign = dead.replace(f".{host}.", ".another-host.")
+        previous = dead.replace(".v4jax-tmp.", ".v4jax-old.")
+        for name in (foreign, f"{previous}/x", ".a.tmp-1234abcd"):
+            shutil.copytree(out / dead, out / name)
+        hf_to_orbax(src, out / "b")
+        assert live.is_dir() and (out / "b" / orbax_io.MARKER).is_file()
+    assert _hidden(out) == sorted([foreign, previous, ".a.tmp-1234abcd"])
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(
+        [
+            f"removed {out / dead}, left by conversion process {pid} (no longer running)",
+            f"{out / previous}: left by killed conversion process {pid}, holds the previous a, "
+            f"which is missing: not removed (move {out / previous / 'x'} back to {out / 'a'})",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- scripts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -16,11 +17,13 @@ from v4jax.checkpoint.safetensors import (
     INDEX_FILE,
     SafetensorsFile,
     ShardedCheckpoint,
+    StreamedTensor,
     TensorInfo,
     dtype_name,
     numpy_dtype,
     write_index,
     write_safetensors,
+    write_safetensors_streamed,
 )
 
 FIXTURE = Path("/work/shared/fixtures/v4-tiny-flash")
@@ -110,7 +113,7 @@ def test_round_trip_every_dtype(tmp_path):
     with SafetensorsFile(path) as f:
         assert f.metadata == {"format": "np", "k": "v"}
         assert sorted(f.keys()) == sorted(tensors)
-        starts = [f._names[k].begin for k in sorted(tensors)]
+        starts = [f.offset(k) for k in sorted(tensors)]
         assert starts == sorted(starts)  # data laid out in sorted-name order
         for name, ref in tensors.items():
             got = f.get(name)
@@ -142,6 +145,78 @@ def test_writer_handles_noncontiguous_and_big_endian(tmp_path):
         assert f.info("be").dtype == "I32"
     assert not (tmp_path / "x.safetensors.tmp").exists()
     _raises("tensor 'c'.*complex64", write_safetensors, tmp_path / "y", {"c": np.zeros(2, "c8")})
+
+
+# ------------------------------------------------------------------ streaming and row reads
+
+
+def _streamed(name: str, a: np.ndarray, rows: int) -> StreamedTensor:
+    """`a` as a streamed tensor, `rows` rows per piece."""
+    pieces = lambda: (a[i : i + rows] for i in range(0, max(len(a), 1), rows))  # noqa: E731
+    return StreamedTensor(name, dtype_name(a.dtype), a.shape, pieces)
+
+
+def test_streamed_writer_is_the_plain_writer_piece_by_piece(tmp_path):
+    """Same bytes as `write_safetensors` (same header, same order) whatever the piece size;
+    `on_bytes` sees every piece; the order of the list is the file's order."""
+    tensors = {k: v for k, v in _random_tensors(4).items() if v.ndim >= 1}
+    write_safetensors(tmp_path / "plain.safetensors", tensors, metadata={"format": "pt"})
+    seen: list[int] = []
+    entries = [_streamed(n, tensors[n], rows=2) for n in sorted(tensors)]
+    write_safetensors_streamed(tmp_path / "s.safetensors", entries, {"format": "pt"}, seen.append)
+    plain = (tmp_path / "plain.safetensors").read_bytes()
+    assert (tmp_path / "s.safetensors").read_bytes() == plain
+    assert sum(seen) == sum(a.nbytes for a in tensors.values()) and len(seen) > len(tensors)
+    write_safetensors_streamed(tmp_path / "r.safetensors", entries[::-1])
+    with SafetensorsFile(tmp_path / "r.safetensors") as f:
+        assert f.keys() == [e.name for e in entries[::-1]]
+
+
+def test_streamed_writer_refuses_what_does_not_match_the_header(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    path = tmp_path / "x.safetensors"
+    cases = [
+        (StreamedTensor("w", "F32", (4, 3), lambda: (a[:2],)), r"'w': 24 of 48 bytes"),
+        (StreamedTensor("w", "F16", (4, 3), lambda: (a,)), r"got float32 \[4, 3\], expected F16"),
+        (StreamedTensor("w", "F32", (4, 4), lambda: (a,)), r"expected F32 \[4, 4\]"),
+        (StreamedTensor("__metadata__", "F32", (4, 3), lambda: (a,)), "not a valid tensor"),
+    ]
+    for entry, match in cases:
+        _raises(match, write_safetensors_streamed, path, [entry])
+        assert not path.exists() and not (tmp_path / "x.safetensors.tmp").exists()
+    twice = [_streamed("w", a, 4), _streamed("w", a, 4)]
+    _raises("tensor name 'w' appears twice", write_safetensors_streamed, path, twice)
+    _raises("metadata must map strings", write_safetensors, path, {"w": a}, {"n": 1})
+
+
+def test_read_rows_copies_rows_without_mapping(tmp_path):
+    tensors = _random_tensors(5)
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, tensors)
+    raw = path.read_bytes()
+    with SafetensorsFile(path) as f:
+        for name, ref in tensors.items():
+            start = f.offset(name)
+            assert raw[start : start + ref.nbytes] == _raw_bytes(ref), name
+            if ref.ndim:
+                n = len(ref)
+                for a, b in [(0, n), (n // 2, n), (n, n)] + ([(1, n - 1)] if n > 1 else []):
+                    got = f.read_rows(name, a, b)
+                    assert got.flags.owndata and _raw_bytes(got) == _raw_bytes(ref[a:b]), name
+        _raises(r"tensor 't00.f64': no rows \[2, 9\)", f.read_rows, "t00.f64", 2, 9)
+        _raises(r"tensor 't01.f32': no rows \[0, 1\)", f.read_rows, "t01.f32", 0, 1)  # 0-d
+    with SafetensorsFile(path) as f:
+        os.truncate(path, len(raw) - 8)  # shortened after its header was checked
+        _raises(r"x.safetensors: truncated while reading 't15.u64'", f.read_rows, "t15.u64", 0, 3)
+    with ShardedCheckpoint(_single(tmp_path, tensors)) as ckpt:
+        assert _raw_bytes(ckpt.read_rows("t00.f64", 1, 3)) == _raw_bytes(tensors["t00.f64"][1:3])
+        _raises("'nope' is not a shard of the checkpoint", ckpt.shard, "nope")
+
+
+def _single(tmp_path: Path, tensors: dict) -> Path:
+    (folder := tmp_path / "single").mkdir()
+    write_safetensors(folder / "model.safetensors", tensors)
+    return folder
 
 
 # ------------------------------------------------------------------ the official library
@@ -346,7 +421,7 @@ def test_written_shards_and_single_file_folders(tmp_path):
 def test_truncated_shard(tmp_path):
     folder = _copy_fixture(tmp_path / "ckpt")
     with SafetensorsFile(FIXTURE / SHARD1) as f:
-        last = max(f.keys(), key=lambda k: f._names[k].begin + f.info(k).nbytes)
+        last = max(f.keys(), key=lambda k: f.offset(k) + f.info(k).nbytes)
     with open(folder / SHARD1, "r+b") as fh:
         fh.truncate((folder / SHARD1).stat().st_size - 10)
     ckpt = ShardedCheckpoint(folder)  # shards open lazily

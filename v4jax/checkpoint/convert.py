@@ -6,8 +6,9 @@ in-memory state; `restore_state` reads a v4jax Orbax checkpoint back (optionally
 per-leaf shardings).
 
 Streaming: tensors move a block of rows at a time (`orbax_io.row_blocks`, <= 16 MiB), read
-from the shards with `pread` (no memory map, so nothing accumulates in resident memory) in file
-order, so host memory stays near one block plus one OCDBT transaction, whatever the model size.
+from the shards with `pread` (`release.ReleaseSource`: no memory map, so nothing accumulates in
+resident memory) in file order, so host memory stays near one block plus one OCDBT
+transaction, whatever the model size.
 
 Safety: the source is validated from its headers before anything is written (index, shard
 headers, every tensor's name, dtype and shape against the config: the loader's own checks and
@@ -16,22 +17,30 @@ The output goes to a temporary directory next to DST, fsync'd and renamed onto D
 complete; on any error or interruption it is removed (and a DST being overwritten is kept). An
 existing DST is replaced only with `overwrite`. Every bad input raises `CheckpointError` naming
 the file / tensor.
+
+A process killed outright (SIGKILL, out of memory, power loss) runs no cleanup, so temporary
+directories carry their owner in their name, `.DST.v4jax-tmp.HOST.PID.RANDOM`: the next
+conversion into the same parent removes those of this host whose process is gone, with a log
+line (`_remove_stale`). One that holds the previous DST of an interrupted overwrite (`v4jax-old`)
+while DST is missing is only reported, never removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path as FsPath
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -39,9 +48,9 @@ from tqdm.auto import tqdm
 from v4jax.checkpoint.errors import CheckpointError
 from v4jax.checkpoint.export import (
     OrbaxSource,
-    ReleaseLayout,
-    ShardLayout,
+    StateSource,
     default_layout,
+    found_layout,
     load_layout,
     save_layout,
     write_release,
@@ -68,15 +77,9 @@ from v4jax.checkpoint.orbax_io import (
     stack_depth,
     stored_leaves,
 )
-from v4jax.checkpoint.release import _check_names, _raise
-from v4jax.checkpoint.safetensors import (
-    INDEX_FILE,
-    SafetensorsFile,
-    ShardedCheckpoint,
-    numpy_dtype,
-)
-from v4jax.checkpoint.synthetic import dequantize_fp4, dequantize_fp8_blocks
+from v4jax.checkpoint.release import ReleaseSource
 from v4jax.config import ConfigError, ModelConfig, from_json
+from v4jax.numerics.quantize import dequantize_fp4, dequantize_fp8_blocks
 
 __all__ = [
     "Conversion",
@@ -112,120 +115,6 @@ def state_leaves(cfg: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
     prec = Precision(Numerics.REFERENCE, jnp.bfloat16)
     _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, prec, "reference")))
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(abstract)}
-
-
-# --------------------------------------------------------------------------- the release side
-
-
-class ReleaseSource:
-    """A validated release folder, read a block of rows at a time with `pread`."""
-
-    def __init__(self, folder: FsPath, cfg: ModelConfig, tensors: Mapping[str, Tensor]):
-        self.folder, self.cfg, self.tensors = folder, cfg, tensors
-        with ShardedCheckpoint(folder) as ckpt:  # index, shard files, headers vs index
-            ckpt.validate()
-            _check_names(ckpt.keys(), cfg)
-            problems = [_header_problem(ckpt.info(n), tensors[n]) for n in ckpt.keys()]
-            _raise([p for p in problems if p], folder)
-            shards = sorted({ckpt.shard_of(n) for n in ckpt.keys()})
-        self._files = {s: SafetensorsFile(folder / s) for s in shards}
-        self._where: dict[str, tuple[str, int]] = {}
-        for s, f in self._files.items():
-            for n in f.keys():
-                self._where[n] = (s, _file_offset(f.get(n)))
-        self._fds: dict[str, int] = {}
-        # File order (shard, then offset): sequential reads, and each shard's data order.
-        self.order = sorted(self._where, key=self._where.__getitem__)
-
-    def layout(self) -> ReleaseLayout:
-        """The shards as found: file names, tensors in data order, header metadata."""
-        by_shard: dict[str, list[str]] = {s: [] for s in self._files}
-        for n in self.order:
-            by_shard[self._where[n][0]].append(n)
-        shards = tuple(
-            ShardLayout(s, tuple(by_shard[s]), f.metadata) for s, f in self._files.items()
-        )
-        index = self.folder / INDEX_FILE
-        return ReleaseLayout(
-            shards,
-            (self.folder / "config.json").read_text(encoding="utf-8"),
-            index.read_text(encoding="utf-8") if index.exists() else None,
-        )
-
-    def rows(self, name: str, a: int, b: int) -> np.ndarray:
-        t = self.tensors[name]
-        shard, offset = self._where[name]
-        out = np.empty((b - a, *t.shape[1:]), numpy_dtype(t.release_dtype))
-        row = out[:1].nbytes if out.size else 0
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.folder / shard, os.O_RDONLY)
-        got = os.preadv(self._fds[shard], [out.reshape(-1).view(np.uint8)], offset + a * row)
-        if got != out.nbytes:
-            raise CheckpointError(f"{self.folder / shard}: truncated while reading {name!r}")
-        return self._checked(t, out)
-
-    def _checked(self, t: Tensor, arr: np.ndarray) -> np.ndarray:
-        if t.release_dtype in ("BF16", "F32") and not _finite(arr):
-            _raise([f"{t.name}: contains NaN or Inf"], self.folder)
-        if t.release_dtype == "I64":
-            if arr.size and (arr.min() < 0 or arr.max() >= self.cfg.num_experts):
-                _raise([f"{t.name}: expert ids outside [0, {self.cfg.num_experts})"], self.folder)
-            arr = arr.astype(np.int32)
-        return arr
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        for f in self._files.values():
-            f.close()
-
-    def __enter__(self) -> ReleaseSource:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _header_problem(info, t: Tensor) -> str | None:
-    """The loader's dtype / shape message (release.py `_read`), from the header alone."""
-    if info.dtype != t.release_dtype or tuple(info.shape) != tuple(t.shape):
-        want, found = f"{t.release_dtype} {list(t.shape)}", f"{info.dtype} {list(info.shape)}"
-        return f"{t.name}: expected {want}, found {found}"
-    return None
-
-
-def _file_offset(view: np.ndarray) -> int:
-    """File offset of a `SafetensorsFile.get` view (a view of the file's memory map)."""
-    mm = view.base
-    if not isinstance(mm, np.memmap):
-        raise CheckpointError("internal: safetensors view is not backed by a memory map")
-    return view.ctypes.data - mm.ctypes.data + mm.offset
-
-
-def _finite(arr: np.ndarray) -> bool:
-    """No NaN / Inf. bf16 without a float32 copy: setting every bit but the exponent's turns
-    exactly the NaN / Inf codes (all-ones exponent) into 0xFFFF (64K at a time, one buffer)."""
-    if arr.dtype != ml_dtypes.bfloat16:
-        return bool(np.isfinite(arr).all())
-    u = arr.reshape(-1).view(np.uint16)
-    buf = np.empty(max(1, min(u.size, 1 << 16)), np.uint16)
-    for i in range(0, u.size, buf.size):
-        part = np.bitwise_or(u[i : i + buf.size], 0x807F, out=buf[: min(buf.size, u.size - i)])
-        if part.max() == 0xFFFF:
-            return False
-    return True
-
-
-class StateSource:
-    """Release tensors sliced out of in-memory state leaves (a `Model`'s)."""
-
-    def __init__(self, values: Mapping[Path, object], tensors: Mapping[str, Tensor]):
-        self.values, self.tensors = values, tensors
-
-    def rows(self, name: str, a: int, b: int) -> np.ndarray:
-        t = self.tensors[name]
-        return np.asarray(self.values[t.path][(*t.index, slice(a, b))])
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -281,6 +170,7 @@ def staged(dst: FsPath, overwrite: bool) -> Iterator[FsPath]:
     """A temporary directory next to `dst`, renamed onto it on success, removed on failure."""
     _check_dst(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(dst.parent)
     tmp = _fresh_dir(dst, "tmp")
     try:
         yield tmp
@@ -302,15 +192,60 @@ def staged(dst: FsPath, overwrite: bool) -> Iterator[FsPath]:
         raise
 
 
+_log = logging.getLogger(__name__)
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "-"
+_STAGING = re.compile(
+    r"\.(?P<dst>.+)\.v4jax-(?P<what>tmp|old)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}"
+)
+
+
 def _fresh_dir(dst: FsPath, what: str) -> FsPath:
-    """A new hidden directory beside `dst` (default permissions, unlike `mkdtemp`'s 0700)."""
+    """A new hidden directory beside `dst` named after its owner, this host and process
+    (default permissions, unlike `mkdtemp`'s 0700)."""
     while True:
-        path = dst.parent / f".{dst.name}.{what}-{secrets.token_hex(4)}"
+        token = secrets.token_hex(4)
+        path = dst.parent / f".{dst.name}.v4jax-{what}.{_HOST}.{os.getpid()}.{token}"
         try:
             path.mkdir()
             return path
         except FileExistsError:
             continue
+
+
+def _remove_stale(parent: FsPath) -> None:
+    """Removes the temporary directories in `parent` left by killed conversions: this host's,
+    whose process no longer runs (another host's PID means nothing here; a reused PID only
+    keeps a directory). An `old` one whose DST is missing holds the only copy of the previous
+    output: reported, not removed."""
+    for path in parent.iterdir():
+        m = _STAGING.fullmatch(path.name)
+        if not m or m["host"] != _HOST or _alive(int(m["pid"])) or not _plain_dir(path):
+            continue
+        if m["what"] == "old" and not (parent / m["dst"]).exists():
+            _log.warning(
+                "%s: left by killed conversion process %s, holds the previous %s, which is "
+                "missing: not removed (move %s back to %s)",
+                *(path, m["pid"], m["dst"], path / "x", parent / m["dst"]),
+            )
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        _log.warning(
+            "removed %s, left by conversion process %s (no longer running)", path, m["pid"]
+        )
+
+
+def _plain_dir(path: FsPath) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _sync_tree(folder: FsPath) -> None:
@@ -405,7 +340,7 @@ def hf_to_orbax(
     with ReleaseSource(src, cfg, tensors) as source, _bar(progress, total, "hf-to-orbax") as bar:
         with staged(dst, overwrite) as tmp:
             write_state(tmp / STATE, leaves, tensors, source, mode, source.order, bar)
-            save_layout(tmp / RELEASE, source.layout())
+            save_layout(tmp / RELEASE, found_layout(src, source.ckpt, source.order))
             (tmp / MARKER).write_text(Marker(cfg, mode, release=True).to_json())
     return Conversion(str(src), str(dst), str(mode), len(tensors), total, time.perf_counter() - t0)
 

@@ -6,12 +6,12 @@ tensor goes to which shard, in which order, with which header metadata: the sour
 own layout when the state was converted from one (so the files come back byte for byte), else
 `default_layout` (layer groups as `synthetic.shard_of`, names sorted, as `write_safetensors`).
 
-`write_shard` writes a safetensors file whose header is built from shapes alone, then each
-tensor's bytes a block of rows at a time: memory stays at one block, whatever the shard size.
+Each shard goes through `safetensors.write_safetensors_streamed` (header from shapes alone,
+then each tensor a block of rows at a time): memory stays at one block, whatever the shard size.
 
-`OrbaxSource` reads release tensors back out of a stored state; a "bf16" state is re-quantised
-with the release recipe (`synthetic.quantize_fp8_blocks` / `quantize_fp4_rows`, the latter
-through an equal but faster rounding), one weight at a time.
+Sources of release tensors: `OrbaxSource` reads them back out of a stored state (a "bf16" state
+is re-quantised with the release recipe, `numerics.quantize`, one weight at a time),
+`StateSource` slices them out of in-memory leaves (a `Model`'s).
 """
 
 from __future__ import annotations
@@ -20,31 +20,28 @@ import dataclasses
 import json
 import math
 import os
-import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path as FsPath
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from v4jax.checkpoint.errors import CheckpointError
+from v4jax.checkpoint.names import Path
 from v4jax.checkpoint.orbax_io import BF16, Dtype, StateReader, Tensor, row_blocks
 from v4jax.checkpoint.safetensors import (
     INDEX_FILE,
     SINGLE_FILE,
-    _build_header,
+    ShardedCheckpoint,
+    StreamedTensor,
     numpy_dtype,
     write_index,
+    write_safetensors_streamed,
 )
-from v4jax.checkpoint.synthetic import (
-    _e8m0,
-    _pow2_exponent,
-    quantize_fp8_blocks,
-    release_tensor_specs,
-    shard_of,
-)
+from v4jax.checkpoint.synthetic import release_tensor_specs, shard_of
 from v4jax.config import ModelConfig, to_dict
+from v4jax.numerics.quantize import quantize_fp4_rows, quantize_fp8_blocks
 
 SHARD_BYTES = 4 << 30  # default shard size (the Flash release: 46 shards of ~3.5 GB)
 LAYOUT_FILE = "layout.json"
@@ -56,25 +53,18 @@ class Source(Protocol):
     def rows(self, name: str, a: int, b: int) -> np.ndarray: ...
 
 
-# --------------------------------------------------------------------------- reading back
+# --------------------------------------------------------------------------- sources
 
 
-_E2M1 = np.array([0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7], np.uint8)  # code of 2 * |value|
+class StateSource:
+    """Release tensors sliced out of in-memory state leaves (a `Model`'s)."""
 
+    def __init__(self, values: Mapping[Path, object], tensors: Mapping[str, Tensor]):
+        self.values, self.tensors = values, tensors
 
-def quantize_fp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [O, I] -> (int8 packed [O, I/2], E8M0 [O, I/32]): bit for bit
-    `synthetic.quantize_fp4_rows`, ~4x faster. Round-to-nearest-even on the e2m1 grid is
-    `rint` at the grid's step within each binade (0.5 below 2, 1 below 4, 2 up to 6)."""
-    o, i = w.shape
-    blocks = w.reshape(o, i // 32, 32)
-    exp = _pow2_exponent(np.abs(blocks).max(-1), 6.0)
-    q = np.clip(np.ldexp(blocks, -exp[..., None]), -6.0, 6.0).reshape(o, i)  # exact
-    a = np.abs(q)
-    per_step = np.where(a < 2, np.float32(2), np.where(a < 4, np.float32(1), np.float32(0.5)))
-    codes = _E2M1[(np.rint(a * per_step) / per_step * 2).astype(np.uint8)]
-    codes |= np.signbit(q).astype(np.uint8) << 3
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.int8), _e8m0(exp)
+    def rows(self, name: str, a: int, b: int) -> np.ndarray:
+        t = self.tensors[name]
+        return np.asarray(self.values[t.path][(*t.index, slice(a, b))])
 
 
 class OrbaxSource:
@@ -108,7 +98,7 @@ class OrbaxSource:
 
     @staticmethod
     def _quantize(w: Tensor, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return quantize_fp8_blocks(rows) if w.quant == "fp8" else quantize_fp4(rows)
+        return quantize_fp8_blocks(rows) if w.quant == "fp8" else quantize_fp4_rows(rows)
 
 
 def bf16_width(t: Tensor) -> int:
@@ -179,53 +169,24 @@ def load_layout(folder: str | os.PathLike, tensors: Mapping[str, Tensor]) -> Rel
     return ReleaseLayout(shards, cfg, index)
 
 
+def found_layout(folder: FsPath, ckpt: ShardedCheckpoint, order: Iterable[str]) -> ReleaseLayout:
+    """The layout of release `folder` as found: its shards, each one's tensors in `order` (data
+    order) and header metadata, its config.json and index verbatim."""
+    by_shard: dict[str, list[str]] = {}
+    for n in order:
+        by_shard.setdefault(ckpt.shard_of(n), []).append(n)
+    shards = tuple(
+        ShardLayout(s, tuple(by_shard[s]), ckpt.shard(s).metadata) for s in sorted(by_shard)
+    )
+    index = folder / INDEX_FILE
+    return ReleaseLayout(
+        shards,
+        (folder / "config.json").read_text(encoding="utf-8"),
+        index.read_text(encoding="utf-8") if index.exists() else None,
+    )
+
+
 # --------------------------------------------------------------------------- writing
-
-
-class _Stub(NamedTuple):  # what `_build_header` reads of an array
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-class Entry(NamedTuple):
-    """A tensor to write: name, safetensors dtype, shape, and its row blocks in order."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    pieces: Callable[[], Iterable[np.ndarray]]
-
-
-def write_shard(
-    path: str | os.PathLike,
-    entries: list[Entry],
-    metadata: Mapping[str, str] | None,
-    on_bytes: Callable[[int], object] | None = None,
-) -> None:
-    """Writes a safetensors file (tensors in `entries` order) streaming each tensor's pieces."""
-    stubs = {}
-    for e in entries:
-        dt = numpy_dtype(e.dtype)
-        stubs[e.name] = _Stub(dt, tuple(e.shape), math.prod(e.shape) * dt.itemsize)
-    header = _build_header(stubs, metadata)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        for e in entries:
-            want, done = stubs[e.name], 0
-            for piece in e.pieces():
-                if piece.dtype != want.dtype or piece.shape[1:] != want.shape[1:]:
-                    raise CheckpointError(
-                        f"{path}: tensor {e.name!r}: got {piece.dtype}{list(piece.shape)}, "
-                        f"expected {e.dtype} {list(want.shape)}"
-                    )
-                f.write(np.ascontiguousarray(piece).reshape(-1).view(np.uint8).data)
-                done += piece.nbytes
-                if on_bytes is not None:
-                    on_bytes(piece.nbytes)
-            if done != want.nbytes:
-                raise CheckpointError(f"{path}: tensor {e.name!r}: {done} of {want.nbytes} bytes")
 
 
 def _release_pieces(t: Tensor, source: Source) -> Iterator[np.ndarray]:
@@ -246,10 +207,10 @@ def write_release(
     folder = FsPath(folder)
     for shard in layout.shards:
         entries = [
-            Entry(n, tensors[n].release_dtype, tensors[n].shape, _bind(tensors[n], source))
+            StreamedTensor(n, tensors[n].release_dtype, tensors[n].shape, _bind(tensors[n], source))
             for n in shard.tensors
         ]
-        write_shard(folder / shard.file, entries, shard.metadata, on_bytes)
+        write_safetensors_streamed(folder / shard.file, entries, shard.metadata, on_bytes)
     config = layout.config_json or json.dumps(to_dict(cfg), indent=2) + "\n"
     (folder / "config.json").write_text(config, encoding="utf-8")
     if layout.index_json is not None:
@@ -280,8 +241,10 @@ def write_random_release(
     for name in specs:
         groups[shard_of(name, cfg, shards)].append(name)
     for file, names in zip(files, groups, strict=True):
-        entries = [Entry(n, *specs[n], _random(n, *specs[n], cfg, seed)) for n in sorted(names)]
-        write_shard(folder / file, entries, {"format": "pt"})
+        entries = [
+            StreamedTensor(n, *specs[n], _random(n, *specs[n], cfg, seed)) for n in sorted(names)
+        ]
+        write_safetensors_streamed(folder / file, entries, {"format": "pt"})
     (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     total = sum(math.prod(s) * numpy_dtype(d).itemsize for d, s in specs.values())
     write_index(folder, {n: files[shard_of(n, cfg, shards)] for n in specs}, total)

@@ -46,7 +46,7 @@ import tensorstore as ts
 
 from v4jax.checkpoint.errors import CheckpointError
 from v4jax.checkpoint.names import Path, layer_slots, locate
-from v4jax.checkpoint.release import _raise
+from v4jax.checkpoint.release import raise_problems
 from v4jax.checkpoint.safetensors import INDEX_FILE, SINGLE_FILE, numpy_dtype
 from v4jax.checkpoint.synthetic import release_tensor_specs
 from v4jax.config import ConfigError, ModelConfig, from_dict, from_json, to_dict
@@ -300,7 +300,7 @@ class StateReader:
                     f"{n}: expected {np.dtype(a.dtype)} {list(a.shape)}, "
                     f"found {found[0]} {list(found[1])}"
                 )
-        _raise(problems, self.folder)
+        raise_problems(problems, self.folder)
 
 
 def _keys(entry: dict) -> list[str]:

@@ -1,16 +1,23 @@
-"""Loading the official release (safetensors shards) into our parameter state.
+"""Reading the official release (safetensors shards): into our parameter state, or a block of
+rows at a time for conversion.
 
 Every tensor is checked against the slot it fills: unknown names, missing names, wrong shapes
 and wrong dtypes are collected and reported together, each by name with expected vs found;
 bf16 / f32 tensors are checked for NaN / Inf. Tensors stay in their release formats (FP8 e4m3
 and E8M0 scales, packed FP4 as int8); only `tid2eid` changes dtype (int64 -> int32, range
 checked).
+
+`load_release_arrays` fills whole leaves (loading a model). `ReleaseSource` serves conversion
+(`convert.hf_to_orbax`): the same checks from the headers alone before anything is written,
+then rows read with `pread` in file order, the data checks made block by block.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path as FsPath
+from typing import TYPE_CHECKING
 
 import jax
 import ml_dtypes
@@ -23,7 +30,17 @@ from v4jax.checkpoint.safetensors import ShardedCheckpoint, TensorInfo, dtype_na
 from v4jax.checkpoint.synthetic import release_tensor_specs
 from v4jax.config import ModelConfig
 
-__all__ = ["MappingSource", "load_release_arrays", "release_dtype"]
+if TYPE_CHECKING:
+    from v4jax.checkpoint.orbax_io import Tensor
+
+__all__ = [
+    "MappingSource",
+    "ReleaseSource",
+    "check_names",
+    "load_release_arrays",
+    "raise_problems",
+    "release_dtype",
+]
 
 _INT_SOURCES = {"int32": "I64"}  # our int32 tid2eid is int64 on disk
 
@@ -68,7 +85,7 @@ def load_release_arrays(
     where = "<in-memory tensors>" if isinstance(folder, Mapping) else folder
     with opened as ckpt:
         names = list(ckpt.keys())
-        _check_names(names, cfg)
+        check_names(names, cfg)
         slots = layer_slots(cfg)
         out = {p: np.empty(a.shape, a.dtype) for p, a in leaves.items()}
         problems: list[str] = []
@@ -87,11 +104,12 @@ def load_release_arrays(
                 problems.append(f"{name}: expert ids outside [0, {cfg.num_experts})")
             elif arr is not None:
                 out[path][idx] = arr
-        _raise(problems, where)
+        raise_problems(problems, where)
     return out
 
 
-def _check_names(names: Iterable[str], cfg: ModelConfig) -> None:
+def check_names(names: Iterable[str], cfg: ModelConfig) -> None:
+    """Refuses (all problems in one `CheckpointError`) a missing or unexpected tensor name."""
     expected = release_tensor_specs(cfg)
     present = set(names)
     missing = sorted(set(expected) - present)
@@ -102,24 +120,25 @@ def _check_names(names: Iterable[str], cfg: ModelConfig) -> None:
     msgs += [
         f"unexpected tensor {n} (not part of this config's release layout)" for n in unexpected
     ]
-    _raise(msgs, None)
+    raise_problems(msgs, None)
+
+
+def _header_problem(name: str, info: TensorInfo, dtype: str, shape) -> str | None:
+    """The dtype / shape message, from the header alone."""
+    if info.dtype != dtype or tuple(info.shape) != tuple(shape):
+        return f"{name}: expected {dtype} {list(shape)}, found {info.dtype} {list(info.shape)}"
+    return None
 
 
 def _read(
     ckpt, name: str, dtype: np.dtype, shape: tuple[int, ...], problems: list[str]
 ) -> np.ndarray | None:
-    info = ckpt.info(name)
     want = release_dtype(dtype)
-    if info.dtype != want or tuple(info.shape) != tuple(shape):
-        problems.append(
-            f"{name}: expected {want} {list(shape)}, found {info.dtype} {list(info.shape)}"
-        )
+    if problem := _header_problem(name, ckpt.info(name), want, shape):
+        problems.append(problem)
         return None
     arr = ckpt.get(name)
-    if (
-        arr.dtype in (np.float32, ml_dtypes.bfloat16)
-        and not np.isfinite(arr.astype(np.float32)).all()
-    ):
+    if arr.dtype in (np.float32, ml_dtypes.bfloat16) and not _finite(arr):
         problems.append(f"{name}: contains NaN or Inf")
         return None
     if want == "I64":
@@ -130,9 +149,72 @@ def _read(
     return arr
 
 
-def _raise(problems: list[str], folder) -> None:
+def _finite(arr: np.ndarray) -> bool:
+    """No NaN / Inf. bf16 without a float32 copy: setting every bit but the exponent's turns
+    exactly the NaN / Inf codes (all-ones exponent) into 0xFFFF (64K at a time, one buffer)."""
+    if arr.dtype != ml_dtypes.bfloat16:
+        return bool(np.isfinite(arr).all())
+    u = arr.reshape(-1).view(np.uint16)
+    buf = np.empty(max(1, min(u.size, 1 << 16)), np.uint16)
+    for i in range(0, u.size, buf.size):
+        part = np.bitwise_or(u[i : i + buf.size], 0x807F, out=buf[: min(buf.size, u.size - i)])
+        if part.max() == 0xFFFF:
+            return False
+    return True
+
+
+def raise_problems(problems: list[str], folder) -> None:
+    """Raises one `CheckpointError` listing every problem (nothing if there is none)."""
     if not problems:
         return
     where = f"{os.fspath(folder)}: " if folder is not None else ""
     head = f"{where}{len(problems)} problem(s) with the checkpoint:\n  "
     raise CheckpointError(head + "\n  ".join(problems))
+
+
+
+
+class ReleaseSource:
+    """A validated release folder, read a block of rows at a time with `pread` (no memory map
+    touched, so nothing accumulates in resident memory), in file order."""
+
+    def __init__(self, folder: FsPath, cfg: ModelConfig, tensors: Mapping[str, Tensor]):
+        self.folder, self.cfg, self.tensors = folder, cfg, tensors
+        self.ckpt = ShardedCheckpoint(folder)  # index, shard files, headers vs index
+        try:
+            self.ckpt.validate()
+            names = self.ckpt.keys()
+            check_names(names, cfg)
+            problems = [
+                _header_problem(n, self.ckpt.info(n), tensors[n].release_dtype, tensors[n].shape)
+                for n in names
+            ]
+            raise_problems([p for p in problems if p], folder)
+        except BaseException:
+            self.ckpt.close()
+            raise
+        # File order (shard, then offset): sequential reads, and each shard's data order.
+        where = {n: self.ckpt.shard_of(n) for n in names}
+        self.order = sorted(names, key=lambda n: (where[n], self.ckpt.shard(where[n]).offset(n)))
+
+    def rows(self, name: str, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of tensor `name`, data-checked, in our dtype (`tid2eid` int32)."""
+        t, arr = self.tensors[name], self.ckpt.read_rows(name, a, b)
+        if t.release_dtype in ("BF16", "F32") and not _finite(arr):
+            raise_problems([f"{t.name}: contains NaN or Inf"], self.folder)
+        if t.release_dtype == "I64":
+            if arr.size and (arr.min() < 0 or arr.max() >= self.cfg.num_experts):
+                raise_problems(
+                    [f"{t.name}: expert ids outside [0, {self.cfg.num_experts})"], self.folder
+                )
+            arr = arr.astype(np.int32)
+        return arr
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+    def __enter__(self) -> ReleaseSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

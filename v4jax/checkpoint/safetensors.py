@@ -27,7 +27,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, Self
@@ -68,12 +68,6 @@ class TensorInfo(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-
-
-class _Entry(NamedTuple):
-    info: TensorInfo
-    begin: int
-    end: int
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -131,7 +125,7 @@ def _parse_metadata(path: Path, meta: object) -> dict[str, str]:
     return dict(meta)
 
 
-def _parse_entry(path: Path, name: str, raw: object, data_size: int) -> _Entry:
+def _parse_entry(path: Path, name: str, raw: object, data_size: int) -> tuple[TensorInfo, int]:
     """Validates one header entry against the data buffer of ``data_size`` bytes."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(raw, dict) or not {"dtype", "shape", "data_offsets"} <= raw.keys():
@@ -155,7 +149,7 @@ def _parse_entry(path: Path, name: str, raw: object, data_size: int) -> _Entry:
             f"{where}: file is truncated: tensor needs data bytes [{begin}, {end}) "
             f"but the data buffer holds only {data_size} bytes"
         )
-    return _Entry(TensorInfo(dtype, tuple(shape), nbytes), begin, end)
+    return TensorInfo(dtype, tuple(shape), nbytes), begin  # begin: offset in the data
 
 
 class _TensorStore:
@@ -184,7 +178,7 @@ class SafetensorsFile(_TensorStore):
     """One safetensors file, header validated on open, tensors memory-mapped read-only."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path, self._fd = Path(path), None
         try:
             file_size = self.path.stat().st_size
             header, self._data_start = _read_header(self.path, file_size)
@@ -193,37 +187,53 @@ class SafetensorsFile(_TensorStore):
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror})") from None
         data_size = file_size - self._data_start
         self.metadata: dict[str, str] = _parse_metadata(self.path, header.pop("__metadata__", None))
-        self._names: dict[str, _Entry] = {
+        self._names: dict[str, tuple[TensorInfo, int]] = {
             name: _parse_entry(self.path, name, raw, data_size) for name, raw in header.items()
         }
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str) -> tuple[TensorInfo, int]:
         if name not in self._names:
             raise CheckpointError(f"{self.path}: tensor {name!r} not in this file")
         return self._names[name]
 
     def info(self, name: str) -> TensorInfo:
         """dtype string, shape and byte size of ``name``, from the header alone."""
-        return self._entry(name).info
+        return self._entry(name)[0]
 
     def get(self, name: str) -> np.ndarray:
         """A read-only zero-copy view of ``name`` into the memory map.
 
         The view keeps the mapping alive, so it stays valid after :meth:`close`.
         """
-        entry = self._entry(name)
+        info, offset = self.info(name), self.offset(name)
         if self._mm is None:
             raise CheckpointError(f"{self.path}: tensor {name!r}: file is closed")
-        return np.ndarray(
-            entry.info.shape,
-            dtype=_DTYPES[entry.info.dtype],
-            buffer=self._mm,
-            offset=self._data_start + entry.begin,
-        )
+        return np.ndarray(info.shape, dtype=_DTYPES[info.dtype], buffer=self._mm, offset=offset)
+
+    def offset(self, name: str) -> int:
+        """File offset of the first byte of ``name``'s data."""
+        return self._data_start + self._entry(name)[1]
+
+    def read_rows(self, name: str, a: int, b: int) -> np.ndarray:
+        """A copy of rows [a, b) of ``name``, read with ``pread``: unlike :meth:`get` nothing
+        stays mapped, so streaming a big file does not grow resident memory."""
+        info = self.info(name)
+        if not info.shape or not 0 <= a <= b <= info.shape[0]:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: no rows [{a}, {b})")
+        out = np.empty((b - a, *info.shape[1:]), _DTYPES[info.dtype])
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        start = self.offset(name) + a * out.itemsize * math.prod(info.shape[1:])
+        if os.preadv(self._fd, [out.reshape(-1).view(np.uint8)], start) != out.nbytes:
+            raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+        return out
 
     def close(self) -> None:
-        """Drops this object's reference to the memory map."""
+        """Drops this object's reference to the memory map, closes the `pread` handle."""
         self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class ShardedCheckpoint(_TensorStore):
@@ -264,7 +274,10 @@ class ShardedCheckpoint(_TensorStore):
             raise CheckpointError(f"{self.folder}: tensor {name!r} not in the checkpoint")
         return self._names[name]
 
-    def _open(self, shard: str) -> SafetensorsFile:
+    def shard(self, shard: str) -> SafetensorsFile:
+        """The shard file ``shard`` (a file name from the index), opened on first use."""
+        if shard not in self._by_shard:
+            raise CheckpointError(f"{self.folder}: {shard!r} is not a shard of the checkpoint")
         if shard not in self._shards:
             f = SafetensorsFile(self.folder / shard)
             expected = self._by_shard[shard]
@@ -283,16 +296,20 @@ class ShardedCheckpoint(_TensorStore):
 
     def info(self, name: str) -> TensorInfo:
         """dtype string, shape and byte size of ``name``."""
-        return self._open(self.shard_of(name)).info(name)
+        return self.shard(self.shard_of(name)).info(name)
 
     def get(self, name: str) -> np.ndarray:
         """A read-only zero-copy view of ``name`` (see :meth:`SafetensorsFile.get`)."""
-        return self._open(self.shard_of(name)).get(name)
+        return self.shard(self.shard_of(name)).get(name)
+
+    def read_rows(self, name: str, a: int, b: int) -> np.ndarray:
+        """A copy of rows [a, b) of ``name`` (see :meth:`SafetensorsFile.read_rows`)."""
+        return self.shard(self.shard_of(name)).read_rows(name, a, b)
 
     def validate(self) -> None:
         """Opens every shard, checking its header and its agreement with the index."""
         for shard in self._by_shard:
-            self._open(shard)
+            self.shard(shard)
 
     def close(self) -> None:
         """Closes every opened shard."""
@@ -319,34 +336,82 @@ def _read_index(path: Path) -> tuple[dict, dict[str, str]]:
 # --------------------------------------------------------------------------- writing
 
 
-def _as_little_endian(name: str, arr: np.ndarray) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
+class StreamedTensor(NamedTuple):
+    """A tensor to write piece by piece: its name, safetensors dtype and shape, and a callable
+    yielding its data in order as arrays of that dtype, split along the first axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: Callable[[], Iterable[np.ndarray]]
+
+
+def write_safetensors_streamed(
+    path: str | os.PathLike[str],
+    tensors: Sequence[StreamedTensor],
+    metadata: Mapping[str, str] | None = None,
+    on_bytes: Callable[[int], object] | None = None,
+) -> None:
+    """Writes ``tensors`` (in the given order) to ``path`` one piece at a time: the header is
+    built from dtypes and shapes alone, so memory stays at one piece whatever the file size.
+
+    The data go to ``<path>.tmp`` first, which is renamed on success and removed on failure.
+    ``on_bytes(n)`` is called after each piece (progress bars).
+    """
+    path = Path(path)
+    header = _header(path, tensors, metadata)
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        dtype_name(arr.dtype)
-    except CheckpointError as e:
-        raise CheckpointError(f"tensor {name!r}: {e}") from None
-    return arr
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for t in tensors:
+                _write_pieces(f, path, t, on_bytes)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
-def _build_header(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> bytes:
+def _header(path: Path, tensors: Sequence[StreamedTensor], metadata) -> bytes:
     """JSON header, space-padded so that the data buffer starts 8-byte aligned."""
     header: dict[str, object] = {}
     if metadata:
         if not _is_str_map(dict(metadata)):
-            raise CheckpointError("metadata must map strings to strings")
+            raise CheckpointError(f"{path}: metadata must map strings to strings")
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for name, arr in tensors.items():
-        header[name] = {
-            "dtype": dtype_name(arr.dtype),
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
+    for t in tensors:
+        if t.name == "__metadata__" or t.name in header:
+            why = "is not a valid tensor name" if t.name == "__metadata__" else "appears twice"
+            raise CheckpointError(f"{path}: tensor name {t.name!r} {why}")
+        nbytes = math.prod(t.shape) * numpy_dtype(t.dtype).itemsize
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += arr.nbytes
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return raw + b" " * (-(8 + len(raw)) % 8)
+
+
+def _write_pieces(f, path: Path, t: StreamedTensor, on_bytes) -> None:
+    """Writes the pieces of ``t``, checking their dtype, trailing shape and total size."""
+    dtype, done = numpy_dtype(t.dtype), 0
+    want = math.prod(t.shape) * dtype.itemsize
+    for piece in t.pieces():
+        if piece.dtype != dtype or piece.shape[1:] != tuple(t.shape)[1:]:
+            raise CheckpointError(
+                f"{path}: tensor {t.name!r}: got {piece.dtype} {list(piece.shape)}, "
+                f"expected {t.dtype} {list(t.shape)}"
+            )
+        f.write(np.ascontiguousarray(piece).reshape(-1).view(np.uint8).data)
+        done += piece.nbytes
+        if on_bytes is not None:
+            on_bytes(piece.nbytes)
+    if done != want:
+        raise CheckpointError(f"{path}: tensor {t.name!r}: {done} of {want} bytes")
 
 
 def write_safetensors(
@@ -354,22 +419,18 @@ def write_safetensors(
     tensors: Mapping[str, np.ndarray],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Writes ``tensors`` (in sorted-name order) to ``path``, one array at a time.
-
-    The data go to ``<path>.tmp`` first, which is renamed on success.
-    """
-    path = Path(path)
-    if "__metadata__" in tensors:
-        raise CheckpointError(f"{path}: '__metadata__' is not a valid tensor name")
-    arrays = {name: _as_little_endian(name, tensors[name]) for name in sorted(tensors)}
-    header = _build_header(arrays, metadata)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        for arr in arrays.values():
-            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
-    os.replace(tmp, path)
+    """Writes in-memory ``tensors`` (in sorted-name order) to ``path``, one array at a time
+    (through :func:`write_safetensors_streamed`: same header, same atomic rename)."""
+    streamed = []
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        a = a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
+        try:
+            dtype = dtype_name(a.dtype)
+        except CheckpointError as e:
+            raise CheckpointError(f"tensor {name!r}: {e}") from None
+        streamed.append(StreamedTensor(name, dtype, a.shape, lambda a=a: (a,)))
+    write_safetensors_streamed(path, streamed, metadata)
 
 
 def write_index(

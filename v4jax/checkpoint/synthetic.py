@@ -1,13 +1,12 @@
 """Random checkpoints in the exact on-disk layout of the official DeepSeek-V4 release.
 
 `release_tensor_specs`: every release tensor for a config (`v4-architecture.md` 7.2; no `model.`
-prefix, `mtp.0.*` included) -> (safetensors dtype, shape). Numpy quantisers for the encodings of
-7.1: FP8 e4m3 [out, in] + E8M0 [ceil(out/128), ceil(in/128)] (scale 2^ceil(log2(amax/448)) per
-128x128 block) and packed FP4 int8 [out, in/2] (low nibble = even element, bit 3 = sign) + E8M0
-[out, in/32] (scale 2^ceil(log2(amax/6)) per 32 inputs), both round-to-nearest-even.
-`random_release_tensors` / `write_release_checkpoint` follow the `v4-tiny-flash` README recipe;
-each tensor has its own generator seeded by (seed, crc32(name)), so writers can stream. Never
-call the generators for full-size configs in tests (Flash is ~150 GB).
+prefix, `mtp.0.*` included) -> (safetensors dtype, shape). Quantised weights are encoded (7.1)
+with the one release recipe, `v4jax.numerics.quantize` (its four functions are re-exported here
+for existing callers). `random_release_tensors` / `write_release_checkpoint` follow the
+`v4-tiny-flash` README recipe; each tensor has its own generator seeded by (seed, crc32(name)),
+so writers can stream. Never call the generators for full-size configs in tests (Flash is
+~150 GB).
 """
 
 from __future__ import annotations
@@ -24,6 +23,14 @@ import numpy as np
 
 from v4jax.checkpoint.safetensors import numpy_dtype, write_index, write_safetensors
 from v4jax.config import ModelConfig, to_dict
+from v4jax.numerics.quantize import (
+    FP4_BLOCK,
+    FP8_BLOCK,
+    dequantize_fp4,
+    dequantize_fp8_blocks,
+    quantize_fp4_rows,
+    quantize_fp8_blocks,
+)
 
 __all__ = [
     "Spec",
@@ -39,86 +46,6 @@ __all__ = [
 ]
 
 Spec = tuple[str, tuple[int, ...]]  # (safetensors dtype string, shape)
-
-FP8_MAX, FP8_BLOCK = 448.0, 128
-FP4_MAX, FP4_BLOCK = 6.0, 32
-FP4_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-FP4_TABLE = np.concatenate([FP4_GRID, -FP4_GRID]).astype(np.float32)
-FP4_TABLE[8] = 0.0  # code 8 is -0; read as +0 as convert.py does
-_FP4_MIDS = (FP4_GRID[1:] + FP4_GRID[:-1]) / 2
-
-# ----------------------------------------------------------------------------- quantisers
-
-
-def _pow2_exponent(amax: np.ndarray, qmax: float) -> np.ndarray:
-    """Exact ceil(log2(amax / qmax)) clamped to the E8M0 range (zero amax -> smallest scale)."""
-    a = np.asarray(amax, np.float64)
-    with np.errstate(divide="ignore"):
-        e = np.clip(np.where(a > 0, np.ceil(np.log2(a / qmax)), -np.inf), -127, 127).astype(int)
-    # log2 of a non-power-of-two ratio can round across an integer: fix up exactly.
-    e = np.where((a > 0) & (np.ldexp(qmax, e - 1) >= a), e - 1, e)
-    return np.clip(np.where(np.ldexp(qmax, e) < a, e + 1, e), -127, 127).astype(np.int32)
-
-
-def _e8m0(exp: np.ndarray) -> np.ndarray:
-    return (exp.astype(np.int32) + 127).astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
-
-
-def _e8m0_f32(scale: np.ndarray) -> np.ndarray:
-    """E8M0 (ml_dtypes, or raw uint8 bytes; exponent range 2^-127 .. 2^127) -> float32."""
-    s = np.asarray(scale)
-    return (s.view(ml_dtypes.float8_e8m0fnu) if s.dtype == np.uint8 else s).astype(np.float32)
-
-
-def quantize_fp8_blocks(w: np.ndarray, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """float [out, in] -> (e4m3 [out, in], E8M0 [ceil(out/b), ceil(in/b)]), per-block scale."""
-    w = np.asarray(w, np.float32)
-    o, i = w.shape
-    bo, bi = -(-o // block), -(-i // block)
-    pad = np.zeros((bo * block, bi * block), np.float32)
-    pad[:o, :i] = np.abs(w)
-    amax = pad.reshape(bo, block, bi, block).max(axis=(1, 3))
-    exp = _pow2_exponent(amax, FP8_MAX)
-    full = np.repeat(np.repeat(exp, block, 0), block, 1)[:o, :i]
-    q = np.clip(np.ldexp(w.astype(np.float64), -full), -FP8_MAX, FP8_MAX)  # exact (power of 2)
-    return q.astype(np.float32).astype(ml_dtypes.float8_e4m3fn), _e8m0(exp)
-
-
-def dequantize_fp8_blocks(w: np.ndarray, scale: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-    """e4m3 [out, in] + E8M0 block scales -> float32 [out, in] (exact)."""
-    o, i = w.shape
-    s = np.repeat(np.repeat(_e8m0_f32(scale), block, 0), block, 1)[:o, :i]
-    return np.asarray(w).astype(np.float32) * s
-
-
-def _e2m1_codes(q: np.ndarray) -> np.ndarray:
-    """|q| <= 6 -> 4-bit e2m1 codes, round-to-nearest with ties to the even code."""
-    a = np.abs(q)
-    lo = np.searchsorted(_FP4_MIDS, a, side="left")
-    hi = np.searchsorted(_FP4_MIDS, a, side="right")  # hi = lo + 1 exactly on a midpoint
-    mag = np.where((lo == hi) | (lo % 2 == 0), lo, hi).astype(np.uint8)
-    return mag | (np.signbit(q).astype(np.uint8) << 3)
-
-
-def quantize_fp4_rows(w: np.ndarray, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """float [out, in] -> (int8 packed [out, in/2], E8M0 [out, in/32]), per-32-input scale."""
-    w = np.asarray(w, np.float32)
-    if (i := w.shape[1]) % block or i % 2:
-        raise ValueError(f"FP4 rows need in % {block} == 0, got shape {w.shape}")
-    o = w.shape[0]
-    blocks = w.reshape(o, i // block, block).astype(np.float64)
-    exp = _pow2_exponent(np.abs(blocks).max(-1), FP4_MAX)
-    q = np.clip(np.ldexp(blocks, -exp[..., None]), -FP4_MAX, FP4_MAX).reshape(o, i)
-    codes = _e2m1_codes(q)
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.int8), _e8m0(exp)
-
-
-def dequantize_fp4(packed: np.ndarray, scale: np.ndarray, block: int = FP4_BLOCK) -> np.ndarray:
-    """int8 [out, in/2] + E8M0 [out, in/32] -> float32 [out, in] (code 8 = -0 -> +0)."""
-    b = np.asarray(packed).view(np.uint8)
-    codes = np.stack([b & 0xF, b >> 4], axis=-1).reshape(b.shape[0], -1)
-    return FP4_TABLE[codes] * np.repeat(_e8m0_f32(scale), block, axis=-1)
-
 
 # ----------------------------------------------------------------------------- tensor inventory
 
