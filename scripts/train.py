@@ -51,6 +51,11 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. 'data=2 x expert=4' (axes data, fsdp, expert, tensor; TRAIN rules)",
+    )
+    ap.add_argument(
         "--remat",
         default="none",
         help="rematerialisation: none | block | tensors | save:NAME,... (v4jax.model.remat)",
@@ -69,9 +74,17 @@ def _check(a) -> None:
         raise ValueError(f"--from {a.source}: no such directory")
     if a.lr is not None and not a.lr > 0:
         raise ValueError("--lr must be > 0")
+    from sharding import parse_mesh_spec
     from v4jax.model import remat as remat_policy
 
     remat_policy.check(a.remat)
+    if a.mesh is not None:
+        try:
+            parse_mesh_spec(a.mesh)
+        except ValueError as e:
+            raise ValueError(f"--mesh: {e}") from None
+        if a.lora:
+            raise ValueError("--mesh with --lora is not supported yet (LoRA trains on one device)")
     if a.lora < 0:
         raise ValueError("--lora must be >= 0")
     if a.qat and a.lora:
@@ -89,6 +102,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
+    import sharding
     import v4jax
     from v4jax.train import data as tdata
     from v4jax.train import loop, lora
@@ -106,10 +120,17 @@ def main(argv=None) -> int:
     data = tdata.build_datasets(dcfg, vocab_size=cfg.vocab_size)  # checks every file first
     print(data.describe())
     dtype = jnp.float32 if a.dtype == "float32" else jnp.bfloat16
+    place = {}
+    if a.mesh is not None:
+        try:
+            place = dict(mesh=sharding.make_mesh(a.mesh), rules=sharding.TRAIN)
+        except ValueError as e:
+            raise ValueError(f"--mesh: {e}") from None
+        print(f"mesh: {dict(place['mesh'].shape)} (TRAIN rules), {jax.device_count()} devices")
     if a.preset:
-        base = v4jax.init(cfg, seed=a.seed, numerics="bf16", dtype=dtype)
+        base = v4jax.init(cfg, seed=a.seed, numerics="bf16", dtype=dtype, **place)
     else:
-        base = v4jax.load(a.source, numerics="bf16", dtype=dtype)
+        base = v4jax.load(a.source, numerics="bf16", dtype=dtype, **place)
     lm = None
     if a.lora:
         lm = lora.attach(base, a.lora, targets=a.lora_targets or lora.DEFAULT_TARGETS, seed=a.seed)

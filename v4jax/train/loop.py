@@ -195,7 +195,7 @@ def heldout_loss(tm: TrainModel, batches) -> dict:
     """Mean next-token CE (and perplexity) over the target tokens of `batches`."""
     total, count = 0.0, 0
     for b in batches:
-        s, n = _ce_sum(tm, jnp.asarray(b.tokens), jnp.asarray(b.mask))
+        s, n = _ce_sum(tm, tm.place_batch(b.tokens), tm.place_batch(b.mask))
         total, count = total + float(s), count + int(n)
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
@@ -203,7 +203,8 @@ def heldout_loss(tm: TrainModel, batches) -> dict:
 
 @jit
 def _ce_sum(tm: TrainModel, tokens, mask):
-    logits = tm.module()(tokens)[:, :-1]
+    with tm.rules_context():
+        logits = tm.module()(tokens)[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     w = (mask[:, 1:] != 0).astype(jnp.float32)

@@ -107,6 +107,11 @@ def loss(
     (block keys "segments.{s}.blocks.{j}" with a leading [repeats] axis, and "mtp.block")."""
     tokens, mask = _check(model, tokens, mask)
     stage = IndexerStage.parse(indexer_stage).value if indexer_weight else "off"
+    with model.rules_context():
+        return _loss(model, tokens, mask, stage, remat, mtp_weight, balance_weight, indexer_weight)
+
+
+def _loss(model, tokens, mask, stage, remat, mtp_weight, balance_weight, indexer_weight):
     module = model.module()
     logits, streams, stats = module.forward_train(tokens, stage, remat)
     lm_sum, n = cross_entropy(logits[:, :-1], tokens[:, 1:], mask[:, 1:])

@@ -19,6 +19,7 @@ Without QAT the forward runs the masters in the "bf16" numerics (no quantisation
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import sharding
 from v4jax.api import Model
 from v4jax.config import ModelConfig
 from v4jax.model.attention import round_straight_through
@@ -75,6 +77,8 @@ class TrainModel:
     formats: tuple[tuple[Path, str], ...]
     qat: bool = False
     kernels: str = "auto"
+    mesh: jax.sharding.Mesh | None = None  # the mesh the params live on (from the model)
+    rules: Any = None  # its sharding rules (`sharding.TRAIN` for training)
 
     def weights(self) -> dict:
         """The state the forward runs on: params (fake-quantised under QAT) + frozen."""
@@ -98,17 +102,36 @@ class TrainModel:
     def replace(self, **changes) -> TrainModel:
         return dataclasses.replace(self, **changes)
 
+    def rules_context(self):
+        """The context model code is traced in: the mesh's activation rules (constraints,
+        expert-parallel MoE) when the params live on a mesh, else nothing."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return sharding.use_rules(self.mesh, self.rules)
+
+    def place_batch(self, x, batch_axis: int = 0) -> jax.Array:
+        """A host batch placed for the step: its `batch_axis` split over the mesh's data axes
+        as the activation rules split "batch" (the other axes whole); as is without a mesh."""
+        x = np.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        names = tuple("batch" if i == batch_axis else None for i in range(x.ndim))
+        table = sharding.rules_for(self.rules).activations
+        spec = sharding.resolve(names, x.shape, dict(self.mesh.shape), table)
+        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+
 
 jax.tree_util.register_dataclass(
     TrainModel,
     data_fields=["params", "frozen"],
-    meta_fields=["config", "precision", "graphdef", "formats", "qat", "kernels"],
+    meta_fields=["config", "precision", "graphdef", "formats", "qat", "kernels", "mesh", "rules"],
 )
 
 
 @numerics_jit
 def _logits(tm: TrainModel, tokens):
-    return tm.module()(tokens)
+    with tm.rules_context():
+        return tm.module()(tokens)
 
 
 def trainable(model: Model, *, qat: bool = False) -> TrainModel:
@@ -127,7 +150,7 @@ def trainable(model: Model, *, qat: bool = False) -> TrainModel:
             frozen[path] = a
             continue
         scale = leaves.get(_scale_path(path)) if fmt in ("fp8", "fp4") else None
-        params[path] = release_dequant(fmt, a, scale)
+        params[path] = _same_placement(release_dequant(fmt, a, scale), a)
         formats.append((path, fmt))
     return TrainModel(
         _unflatten(params),
@@ -138,7 +161,18 @@ def trainable(model: Model, *, qat: bool = False) -> TrainModel:
         tuple(sorted(formats, key=lambda pf: tuple(map(str, pf[0])))),
         qat,
         model.kernels,
+        model.mesh,
+        model.rules,
     )
+
+
+def _same_placement(x: jax.Array, like: jax.Array) -> jax.Array:
+    """x placed as `like` (a mesh-sharded release weight: the master keeps its PartitionSpec,
+    which names the same logical axes although FP4 masters are twice as wide)."""
+    sh = getattr(like, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding):
+        return jax.device_put(x, sh)
+    return x
 
 
 def to_model(tm: TrainModel, *, numerics: str | None = None, dtype=None) -> Model:

@@ -112,7 +112,16 @@ def make_step(
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
+    layout = {}  # on a mesh: the state's shardings, kept by every step
+
     def step(state: TrainState, tokens, mask):
+        with tm.rules_context():
+            new, out = _step(state, tokens, mask)
+        if layout:
+            new = jax.tree.map(jax.lax.with_sharding_constraint, new, layout["state"])
+        return new, out
+
+    def _step(state: TrainState, tokens, mask):
         mtp_w = schedule.mtp_weight(state.step) if weights.mtp is None else F32(weights.mtp)
         a = tokens.shape[0]
         n_lm = jnp.sum(mask[:, :, 1:] != 0, axis=(1, 2)).astype(F32)  # [A]
@@ -168,7 +177,32 @@ def make_step(
         )
         return new, out
 
-    return jit(step, donate_argnums=0)
+    jitted = jit(step, donate_argnums=0)
+    if tm.mesh is None:
+        return jitted
+
+    def on_mesh(state: TrainState, tokens, mask):
+        """Host batches [A, B, S] are split over the data axes along B; the state keeps the
+        shardings it arrives with (the params' from the rules, the optimizer's alike; leaves
+        on one device, such as the step counter, are replicated over the mesh)."""
+        state = jax.tree.map(_on(tm.mesh), state)
+        if not layout:
+            layout["state"] = jax.tree.map(lambda x: x.sharding, state)
+        return jitted(state, tm.place_batch(tokens, 1), tm.place_batch(mask, 1))
+
+    return on_mesh
+
+
+def _on(mesh):
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return place
 
 
 def load_stats(counts) -> dict:
