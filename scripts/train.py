@@ -74,13 +74,13 @@ def _check(a) -> None:
         raise ValueError(f"--from {a.source}: no such directory")
     if a.lr is not None and not a.lr > 0:
         raise ValueError("--lr must be > 0")
-    from sharding import parse_mesh_spec
+    from sharding import make_mesh
     from v4jax.model import remat as remat_policy
 
     remat_policy.check(a.remat)
     if a.mesh is not None:
         try:
-            parse_mesh_spec(a.mesh)
+            make_mesh(a.mesh)  # the spec and the device count, before any data is read
         except ValueError as e:
             raise ValueError(f"--mesh: {e}") from None
         if a.lora:

@@ -196,6 +196,9 @@ def test_accumulation_equals_the_larger_batch(corpus, tmp_path):
         (("--preset", "tiny", "--steps", "0"), "--steps must be >= 1"),
         (("--from", "/nonexistent/ckpt"), "--from /nonexistent/ckpt: no such directory"),
         (("--preset", "tiny", "--qat", "--lora", "4"), "cannot be combined"),
+        (("--preset", "tiny", "--mesh", "banana=8"), "--mesh: mesh spec 'banana=8': unknown"),
+        (("--preset", "tiny", "--mesh", "data=3"), "--mesh: mesh {'data': 3} needs 3 devices"),
+        (("--preset", "tiny", "--remat", "some"), "remat='some': expected one of"),
     ],
 )
 def test_cli_refuses_bad_arguments_in_one_line(args, message, corpus, tmp_path):
