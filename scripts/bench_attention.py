@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import pathlib
 import platform
 import statistics
 import time
@@ -41,6 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from v4jax import cli
 from v4jax.kernels.sparse_attention import BackwardBlockSizes, BlockSizes, sparse_attention
 from v4jax.kernels.sparse_attention.reference import sparse_attention_reference
 
@@ -335,16 +335,6 @@ def _line(r: dict) -> str:
     )
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def fail(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
 def selected(a: argparse.Namespace, small: bool) -> list[Shape]:
     """The shapes this run measures (--only, --backward: prefill shapes only)."""
     return [
@@ -354,7 +344,7 @@ def selected(a: argparse.Namespace, small: bool) -> list[Shape]:
     ]
 
 
-def check_args(ap: _Parser, a: argparse.Namespace, small: bool) -> None:
+def check_args(ap: cli.Parser, a: argparse.Namespace, small: bool) -> None:
     """Every flag before anything is measured; --json's folder is created now."""
     if a.batch < 1:
         ap.fail(f"--batch must be >= 1, not {a.batch}")
@@ -364,17 +354,11 @@ def check_args(ap: _Parser, a: argparse.Namespace, small: bool) -> None:
         mode = " among the prefill shapes (--backward)" if a.backward else ""
         example = shapes(small, a.batch)[-1].name
         ap.fail(f"--only {a.only!r} matches no shape{mode}; names look like {example!r}")
-    out = pathlib.Path(a.json)
-    if out.is_dir():
-        ap.fail(f"--json {out} is a directory: give a file name")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        ap.fail(f"--json {out}: cannot create its folder ({e.strerror})")
+    cli.output_file("--json", a.json)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = _Parser(description=__doc__.splitlines()[0])
+    ap = cli.Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="scaled-down shapes (CPU)")
     ap.add_argument("--json", default="bench_attention.json")
     ap.add_argument("--batch", type=int, default=64, help="decode sequences")

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 
+from v4jax import cli
 from v4jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
 from v4jax.checkpoint.export import write_random_release
 from v4jax.checkpoint.synthetic import large_config
@@ -28,29 +29,13 @@ from v4jax.checkpoint.synthetic import large_config
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "v4-tiny-flash"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def fail(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def check_args(ap: _Parser, args: argparse.Namespace) -> None:
+def check_args(ap: cli.Parser, args: argparse.Namespace) -> None:
     """--work must be an existing writable folder; --json's folder is created now."""
     if args.work is not None and not args.work.is_dir():
         ap.fail(f"--work {args.work}: not an existing folder")
     if args.work is not None and not os.access(args.work, os.W_OK):
         ap.fail(f"--work {args.work}: not writable")
-    if args.json is not None:
-        if args.json.is_dir():
-            ap.fail(f"--json {args.json} is a directory: give a file name")
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            ap.fail(f"--json {args.json}: cannot create its folder ({e.strerror})")
+    cli.output_file("--json", args.json)
 
 
 def sequential_read(folder: pathlib.Path) -> tuple[int, float]:
@@ -113,7 +98,7 @@ def bench_case(name: str, src: pathlib.Path, work: pathlib.Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = _Parser(description=__doc__.splitlines()[0])
+    ap = cli.Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=pathlib.Path, default=None, help="scratch dir (default: tmp)")
     ap.add_argument("--json", type=pathlib.Path, default=None)
     ap.add_argument("--no-big", action="store_true", help="only the tiny fixture")

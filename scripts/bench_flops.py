@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from v4jax import api, config, cost
+from v4jax import api, cli, config, cost
 from v4jax.config import Attn, LayerKind, layer_plan
 from v4jax.decode import init_cache, steps
 from v4jax.model import experts
@@ -283,33 +282,16 @@ def print_impl(name: str, res: dict, t: int, layers: int) -> None:
         print("note:", n)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def fail(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def check_args(ap: _Parser, args: argparse.Namespace) -> None:
+def check_args(ap: cli.Parser, args: argparse.Namespace) -> None:
     """Every flag before anything is traced; --out's folder is created now."""
     for flag, v in (("--tokens", args.tokens), ("--context", args.context)):
         if v < 1:
             ap.fail(f"{flag} must be >= 1, not {v}")
-    if args.out is not None:
-        out = pathlib.Path(args.out)
-        if out.is_dir():
-            ap.fail(f"--out {out} is a directory: give a file name")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            ap.fail(f"--out {out}: cannot create its folder ({e.strerror})")
+    cli.output_file("--out", args.out)
 
 
 def main(argv=None) -> int:
-    ap = _Parser(description=__doc__.split("\n\n")[0])
+    ap = cli.Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=4096, help="prefill length T")
     ap.add_argument("--context", type=int, default=4096, help="decode cache max_len")
     ap.add_argument(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import platform
 import statistics
 import time
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from v4jax import cli
 from v4jax.config import tiny
 from v4jax.model import experts
 from v4jax.model.moe import MoE
@@ -152,17 +152,7 @@ def gpu(args) -> dict:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def fail(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def check_args(ap: _Parser, args: argparse.Namespace) -> None:
+def check_args(ap: cli.Parser, args: argparse.Namespace) -> None:
     """Every flag before anything is built or timed; --out's folder is created now."""
     for flag, v in (("--dim", args.dim), ("--inter", args.inter)):
         if v is not None and (v < 128 or v % 128):
@@ -172,18 +162,11 @@ def check_args(ap: _Parser, args: argparse.Namespace) -> None:
     for flag, v in (("--tokens", args.tokens), ("--reps", args.reps)):
         if v < 1:
             ap.fail(f"{flag} must be >= 1, not {v}")
-    if args.out is not None:
-        out = pathlib.Path(args.out)
-        if out.is_dir():
-            ap.fail(f"--out {out} is a directory: give a file name")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            ap.fail(f"--out {out}: cannot create its folder ({e.strerror})")
+    cli.output_file("--out", args.out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = _Parser(description=__doc__.split("\n")[0])
+    ap = cli.Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--gpu", action="store_true", help="Flash-width GPU measurement")
     ap.add_argument("--dim", type=int, help="D (default: 256 CPU sweep, 4096 --gpu)")

@@ -11,32 +11,26 @@ before anything is written.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
 
+from v4jax import cli
 from v4jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
 from v4jax.checkpoint.errors import CheckpointError
 from v4jax.config import ConfigError
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2; the
-    sub-command parsers are of this class too."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _parser() -> _Parser:
-    ap = _Parser(description=__doc__.splitlines()[0])
+def _parser() -> cli.Parser:
+    """One-line usage errors naming the (sub-)command's help: `(see convert.py hf-to-orbax
+    --help)`; the sub-command parsers are `cli.Parser`s too."""
+    ap = cli.Parser(description=__doc__.splitlines()[0], prog_in_hint=True)
     sub = ap.add_subparsers(dest="command", required=True)
     for name, text in (
         ("hf-to-orbax", "official release folder -> v4jax Orbax checkpoint"),
         ("orbax-to-hf", "v4jax Orbax checkpoint -> official release format"),
     ):
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text, prog_in_hint=True)
         p.add_argument("src")
         p.add_argument("dst")
         p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
@@ -57,7 +51,7 @@ def one_line(e: BaseException) -> str:
     return " ".join(lines[:1]) + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
 
 
-def check_dst(ap: _Parser, dst: str) -> None:
+def check_dst(ap: cli.Parser, dst: str) -> None:
     """DST's folder must be creatable: no ancestor is a file, the nearest existing one is
     writable (the library checks the rest: SRC, overwriting, DST inside SRC)."""
     path = pathlib.Path(dst).absolute()

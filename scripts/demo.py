@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 import v4jax
+from v4jax import cli
 from v4jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
 from v4jax.checkpoint.errors import CheckpointError
 from v4jax.checkpoint.orbax_io import Kind, detect
@@ -46,17 +47,7 @@ def same_release(a: pathlib.Path, b: pathlib.Path) -> tuple[int, int]:
         return len(names), bad + len(set(y.keys()) - set(names))
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def fail(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def check_args(ap: _Parser, a: argparse.Namespace) -> None:
+def check_args(ap: cli.Parser, a: argparse.Namespace) -> None:
     """--fixture must be a release folder with the official logits; --workdir a folder (made)."""
     if detect(a.fixture) is not Kind.RELEASE or not (a.fixture / "golden.npz").is_file():
         ap.fail(
@@ -73,7 +64,7 @@ def check_args(ap: _Parser, a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(description=__doc__.splitlines()[0])
+    ap = cli.Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--fixture", type=pathlib.Path, default=FIXTURE)
     ap.add_argument("--workdir", type=pathlib.Path, default=None, help="keep the outputs here")
     a = ap.parse_args(argv)
@@ -85,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="v4jax-demo-") as tmp:
                 run(a.fixture, pathlib.Path(tmp))
     except (CheckpointError, ConfigError) as e:  # e.g. a damaged fixture
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
-        return 2
+        return cli.report(e)
     return 0
 
 

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import v4jax
+from v4jax import cli
 from v4jax import eval as ev
-from v4jax.checkpoint import orbax_io
 from v4jax.tokenizer import VOCAB_SIZE, load_tokenizer
 
 TASKS = ("perplexity", "multiple-choice", "passkey")
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     check_flags(ap, args)
     try:  # everything but the scoring itself: a bad input fails before the model loads
         prepare_output(ap, args.output)
-        cfg = _config(args.checkpoint)
+        cfg = cli.checkpoint_config(args.checkpoint)
         tok = _tokenizer(ap, args, cfg)
         max_len = check_sizes(ap, args, cfg)
         data = _load_data(args, cfg.vocab_size, max_len, tok)
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         model = _model(args)
         scorer = ev.Scorer(model, max_len=max_len, batch_size=args.batch_size, buckets=args.buckets)
     except (ev.DataError, ValueError, OSError) as e:  # CheckpointError, ConfigError: ValueError
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
-        return 2
+        return cli.report(e)
     t0 = time.perf_counter()
     results = _run(args, scorer, tok, data, bar=_Bar)
     elapsed = time.perf_counter() - t0
@@ -72,18 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     return _write(args.output, report)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def fail(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def _parser() -> _Parser:
-    ap = _Parser(description=__doc__.splitlines()[0])
+def _parser() -> cli.Parser:
+    ap = cli.Parser(description=__doc__.splitlines()[0])
     ap.add_argument("task", choices=TASKS)
     ap.add_argument("--checkpoint", required=True, help="release folder, or tiny-random")
     ap.add_argument("--data", type=pathlib.Path, help="input file (perplexity, multiple-choice)")
@@ -112,7 +101,7 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers") from None
 
 
-def check_flags(ap: _Parser, args: argparse.Namespace) -> None:
+def check_flags(ap: cli.Parser, args: argparse.Namespace) -> None:
     """The flags on their own and against the task (no file read); a refusal names the flag."""
     for flag, value in (
         ("--batch-size", args.batch_size),
@@ -138,7 +127,7 @@ def check_flags(ap: _Parser, args: argparse.Namespace) -> None:
         ap.fail("--stride only applies to perplexity")
 
 
-def prepare_output(ap: _Parser, path: pathlib.Path | None) -> None:
+def prepare_output(ap: cli.Parser, path: pathlib.Path | None) -> None:
     """Creates --output's folder now, so that the results can be written after scoring."""
     if path is None:
         return
@@ -155,17 +144,7 @@ def prepare_output(ap: _Parser, path: pathlib.Path | None) -> None:
         ap.fail(f"--output {path}: not writable")
 
 
-def _config(checkpoint: str) -> v4jax.config.ModelConfig:
-    """The checkpoint's config, without its weights."""
-    if checkpoint == "tiny-random":
-        return v4jax.config.tiny()
-    try:
-        return orbax_io.read_config(checkpoint)
-    except ValueError as e:  # CheckpointError, ConfigError
-        raise ValueError(f"--checkpoint: {e}") from None
-
-
-def _tokenizer(ap: _Parser, args: argparse.Namespace, cfg):
+def _tokenizer(ap: cli.Parser, args: argparse.Namespace, cfg):
     """The V4 tokenizer when the model has its vocabulary, else None (token-id data only)."""
     if cfg.vocab_size != VOCAB_SIZE:
         return None
@@ -175,7 +154,7 @@ def _tokenizer(ap: _Parser, args: argparse.Namespace, cfg):
         ap.fail(f"--tokenizer {args.tokenizer or '(default)'}: {str(e).splitlines()[0]}")
 
 
-def check_sizes(ap: _Parser, args: argparse.Namespace, cfg) -> int:
+def check_sizes(ap: cli.Parser, args: argparse.Namespace, cfg) -> int:
     """--max-len (default: 2048, or the model's limit), --buckets, --stride, --context-len
     against the model's max_position_embeddings; returns max_len."""
     limit = cfg.max_position_embeddings
@@ -198,7 +177,7 @@ def check_sizes(ap: _Parser, args: argparse.Namespace, cfg) -> int:
 
 def _model(args) -> v4jax.Model:
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
-    if args.checkpoint == "tiny-random":
+    if args.checkpoint == cli.TINY_RANDOM:
         cfg = v4jax.config.tiny()
         return v4jax.init(cfg, seed=args.seed, numerics=args.numerics, dtype=dtype)
     return v4jax.load(args.checkpoint, numerics=args.numerics, dtype=dtype)
@@ -228,7 +207,7 @@ class _DryScorer(ev.Scorer):
         return [ev.Loglik(0.0, len(r.continuation), False) for r in requests]
 
 
-def _dry_run(ap: _Parser, args, scorer: _DryScorer, tok, data) -> None:
+def _dry_run(ap: cli.Parser, args, scorer: _DryScorer, tok, data) -> None:
     try:
         _run(args, scorer, tok, data, bar=None)
     except ValueError as e:  # passkey: the message names context_len / num_candidates

@@ -14,39 +14,24 @@ import time
 import numpy as np
 
 import v4jax
+from v4jax import cli
 from v4jax.checkpoint.orbax_io import Kind, detect
 
 DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "v4-tiny-flash"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def fail(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def check_args(ap: _Parser, args: argparse.Namespace) -> None:
+def check_args(ap: cli.Parser, args: argparse.Namespace) -> None:
     """--fixture must hold a release and golden.npz; --json's folder is created now."""
     if detect(args.fixture) is not Kind.RELEASE or not (args.fixture / "golden.npz").is_file():
         ap.fail(
             f"--fixture {args.fixture}: not a release folder with golden.npz (the official "
             "logits), like tests/data/v4-tiny-flash"
         )
-    if args.json is not None:
-        if args.json.is_dir():
-            ap.fail(f"--json {args.json} is a directory: give a file name")
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            ap.fail(f"--json {args.json}: cannot create its folder ({e.strerror})")
+    cli.output_file("--json", args.json)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = _Parser(description=__doc__.splitlines()[0])
+    ap = cli.Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--fixture", type=pathlib.Path, default=DEFAULT)
     ap.add_argument("--json", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)

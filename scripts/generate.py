@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import v4jax
-from v4jax.checkpoint import orbax_io
-from v4jax.config import ModelConfig
+from v4jax import cli
 from v4jax.decode.sampling import sample
 from v4jax.tokenizer import load_tokenizer
 
@@ -37,18 +36,8 @@ _COMPILE_EVENTS = (  # jax._src.dispatch: tracing, lowering to MLIR, XLA compila
 _compile_seconds = [0.0]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def fail(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def _parser() -> _Parser:
-    ap = _Parser(description=__doc__.splitlines()[0])
+def _parser() -> cli.Parser:
+    ap = cli.Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="release folder or 'tiny-random'")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="raw text (BOS added)")
@@ -75,7 +64,7 @@ def _parser() -> _Parser:
     return ap
 
 
-def check_flags(ap: _Parser, a: argparse.Namespace) -> None:
+def check_flags(ap: cli.Parser, a: argparse.Namespace) -> None:
     """The flags on their own (no file read); a refusal names the flag."""
     if a.max_new_tokens < 1:
         ap.fail(f"-n must be >= 1, not {a.max_new_tokens}")
@@ -94,11 +83,11 @@ def check_flags(ap: _Parser, a: argparse.Namespace) -> None:
         ap.fail("--thinking and --reasoning-effort only apply to --chat / --messages")
 
 
-def check_inputs(ap: _Parser, a: argparse.Namespace):
+def check_inputs(ap: cli.Parser, a: argparse.Namespace):
     """The prompt and the sizes against the checkpoint's config (no weights loaded):
     (prompt ids, cache length, tokenizer or None). Library errors (a bad folder, config or
     chat message) propagate."""
-    cfg = checkpoint_config(a.checkpoint)
+    cfg = cli.checkpoint_config(a.checkpoint)
     if a.top_k > cfg.vocab_size:
         ap.fail(f"--top-k must be <= the vocabulary ({cfg.vocab_size}), not {a.top_k}")
     tok = None if a.tokens is not None else load_tokenizer()
@@ -118,17 +107,7 @@ def check_inputs(ap: _Parser, a: argparse.Namespace):
     return ids, max_len, tok
 
 
-def checkpoint_config(path: str) -> ModelConfig:
-    """The config of 'tiny-random', a release folder or a v4jax Orbax checkpoint (cheap)."""
-    if path == "tiny-random":
-        return v4jax.config.tiny()
-    try:
-        return orbax_io.read_config(path)
-    except ValueError as e:  # CheckpointError, ConfigError
-        raise ValueError(f"--checkpoint: {e}") from None
-
-
-def _prompt(ap: _Parser, a: argparse.Namespace, tok, vocab: int) -> list[int]:
+def _prompt(ap: cli.Parser, a: argparse.Namespace, tok, vocab: int) -> list[int]:
     if a.tokens is not None:
         parts = [p.strip() for p in a.tokens.split(",")]
         bad = [p for p in parts if not p.lstrip("-").isdigit()]
@@ -154,7 +133,7 @@ def _prompt(ap: _Parser, a: argparse.Namespace, tok, vocab: int) -> list[int]:
     return ids
 
 
-def _json_file(ap: _Parser, flag: str, path: str):
+def _json_file(ap: cli.Parser, flag: str, path: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -164,7 +143,7 @@ def _json_file(ap: _Parser, flag: str, path: str):
         ap.fail(f"{flag} {path}: not a UTF-8 JSON file ({e})")
 
 
-def _conversation(ap: _Parser, a: argparse.Namespace) -> list[dict]:
+def _conversation(ap: cli.Parser, a: argparse.Namespace) -> list[dict]:
     """The messages of --chat (+ --system, --tools) or of the --messages file."""
     if a.messages is not None:
         data = _json_file(ap, "--messages", a.messages)
@@ -191,7 +170,7 @@ def _conversation(ap: _Parser, a: argparse.Namespace) -> list[dict]:
 
 
 def _model(a):
-    if a.checkpoint == "tiny-random":
+    if a.checkpoint == cli.TINY_RANDOM:
         return v4jax.init(v4jax.config.tiny(), seed=a.seed, numerics=a.numerics, dtype=a.dtype)
     return v4jax.load(a.checkpoint, numerics=a.numerics, dtype=a.dtype)
 
@@ -211,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         ids, max_len, tok = check_inputs(ap, a)
         model = _model(a)
     except (ValueError, TypeError, OSError) as e:  # CheckpointError, ConfigError: ValueError
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
-        return 2
+        return cli.report(e)
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     out = _generate(a, model, tok, ids, max_len)
     if a.chat is not None or a.messages is not None:

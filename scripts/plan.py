@@ -24,19 +24,11 @@ import re
 import sys
 import time
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def fail(self, message: str):
-        self.exit(2, f"error: {message}\n")
+from v4jax import cli  # imports jax but sets up no device (see _fake_devices)
 
 
-def _parser() -> _Parser:
-    p = _Parser(description=__doc__.splitlines()[0])
+def _parser() -> cli.Parser:
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("flash", "pro"), default="flash")
     p.add_argument("--mesh", default="expert=8", help="e.g. 'expert=8', 'data=2 x expert=8'")
     p.add_argument("--rules", choices=("decode", "train"), default="decode")
@@ -49,7 +41,7 @@ def _parser() -> _Parser:
     return p
 
 
-def check_flags(ap: _Parser, a: argparse.Namespace) -> dict[str, int]:
+def check_flags(ap: cli.Parser, a: argparse.Namespace) -> dict[str, int]:
     """Every flag, before any device exists; returns the mesh axis sizes."""
     from sharding.mesh import parse_mesh_spec  # imports jax; its devices are set up later
 

@@ -333,3 +333,40 @@ def test_commands_in_subprocesses():
         lines = [line for line in err.splitlines() if line.strip()]
         assert p.returncode == 2, (argv, err)
         assert len(lines) == 1 and flag in lines[0] and "Traceback" not in err, (argv, err)
+
+
+def test_cli_module(capsys, tmp_path):
+    """v4jax.cli on its own: the hint with and without the program's name, output_file's three
+    outcomes (created, a folder given, an uncreatable folder), report's first line."""
+    from v4jax import cli
+
+    def refusal(parse) -> str:
+        with pytest.raises(SystemExit) as e:
+            parse()
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    ap = cli.Parser(prog="tool")
+    ap.add_argument("--n", type=int)
+    err = refusal(lambda: ap.parse_args(["--n", "x"]))
+    assert err == "error: argument --n: invalid int value: 'x' (see --help)\n"
+    assert refusal(lambda: ap.fail("--n is odd")) == "error: --n is odd\n"
+    top = cli.Parser(prog="tool", prog_in_hint=True)
+    sub = top.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("go", prog_in_hint=True).add_argument("src")
+    err = refusal(lambda: top.parse_args(["go"]))
+    assert err == "error: the following arguments are required: src (see tool go --help)\n"
+
+    assert cli.output_file("--out", None) is None
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert cli.output_file("--out", str(out)) == out
+    assert out.parent.is_dir() and not out.exists()  # the folder now, the file after the work
+    err = refusal(lambda: cli.output_file("--out", tmp_path))
+    assert err == f"error: --out {tmp_path} is a directory: give a file name\n"
+    (tmp_path / "a_file").write_text("x")
+    err = refusal(lambda: cli.output_file("--json", tmp_path / "a_file" / "sub" / "r.json"))
+    assert err.startswith(f"error: --json {tmp_path}/a_file/sub/r.json: cannot create its folder")
+    assert err.count("\n") == 1
+
+    assert cli.report(ValueError("head: 2 problems:\n  one\n  two")) == 2
+    assert capsys.readouterr().err == "error: head: 2 problems:\n"
