@@ -1,5 +1,6 @@
 """The decode loop: V4's heterogeneous cache, chunked prefill, decode steps, sampling and
-generation. Separate from the model: the model computes, this package owns the state."""
+generation (plain, or MTP speculative: `speculative`, `verify`, `accept`). Separate from the
+model: the model computes, this package owns the state."""
 
 from v4jax.decode.cache import CompressorState, DecodeCache, LayerCache, init_cache
 from v4jax.decode.chunk import forward_chunk

@@ -1,5 +1,8 @@
 """Generation: prefill the prompts, then a `jax.lax.while_loop` of decode steps (or a Python
-loop that yields tokens as they come), stopping on EOS or length, per sequence."""
+loop that yields tokens as they come), stopping on EOS or length, per sequence.
+
+`speculative="mtp"` replaces the one-token steps with MTP draft + verify steps
+(`v4jax.decode.speculative`); the plain path below is unchanged by it."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from v4jax.decode import speculative as spec
 from v4jax.decode.chunk import forward_chunk
 from v4jax.decode.sampling import Sampling, sample
 from v4jax.numerics.policy import jit
@@ -25,6 +29,12 @@ class Generation:
     tokens: np.ndarray  # [B, max_new_tokens] int32, `pad_id` after a sequence stopped
     lengths: np.ndarray  # [B] generated tokens per sequence (EOS included)
     prompt_lengths: np.ndarray  # [B]
+    # speculative="mtp" only (None otherwise), per sequence: drafts accepted (and emitted),
+    # verify steps taken, and a histogram [B, k+1] of the verify steps that accepted 0..k
+    # drafts (draft j's acceptance rate = steps with >= j accepted / verify steps).
+    accepted: np.ndarray | None = None  # [B]
+    verify_steps: np.ndarray | None = None  # [B]
+    accept_hist: np.ndarray | None = None  # [B, k+1]
 
     def sequences(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
@@ -41,14 +51,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
     return out, np.array([len(p) for p in prompts], np.int32)
 
 
-def _setup(model, prompts, max_new_tokens, max_len):
+def _setup(model, prompts, max_new_tokens, max_len, drafts: int = 0):
+    """`drafts`: positions a verify chunk reaches past the last emitted token."""
     tokens, lengths = pad_prompts(prompts)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    need = int(lengths.max()) + max_new_tokens
+    need = int(lengths.max()) + max_new_tokens + drafts
     cache = model.init_cache(len(prompts), max_len or need)
     if cache.max_len < need:
-        raise ValueError(f"max_len={cache.max_len} < longest prompt + max_new_tokens = {need}")
+        what = "longest prompt + max_new_tokens" + (" + draft_tokens" if drafts else "")
+        raise ValueError(f"max_len={cache.max_len} < {what} = {need}")
     return tokens, lengths, cache
 
 
@@ -60,13 +72,35 @@ def generate(
     sampling: Sampling = GREEDY,
     eos_id: int | None = None,
     max_len: int | None = None,
+    speculative: str | None = None,
+    draft_tokens: int | None = None,
 ) -> Generation:
-    """Batched generation compiled as one `while_loop` (stops when every sequence is done)."""
-    tokens, lengths, cache = _setup(model, prompts, max_new_tokens, max_len)
+    """Batched generation compiled as one `while_loop` (stops when every sequence is done).
+
+    `speculative="mtp"`: the MTP block drafts `draft_tokens` tokens (default 1) per step and
+    the main model verifies them in one chunk; greedy output equals plain greedy decoding and
+    sampled output is distributed as plain sampling (`v4jax.decode.speculative`). The cache
+    is sized for the draft positions (`max_len`, if given, must cover them)."""
     eos = model.config.eos_token_id if eos_id is None else eos_id
+    if speculative is not None or draft_tokens is not None:
+        k = spec.check_args(model, speculative, draft_tokens)
+        tokens, lengths, cache = _setup(model, prompts, max_new_tokens, max_len, k)
+        st = _spec_run(model, tokens, lengths, cache, k, max_new_tokens, sampling, eos)
+        hist = np.asarray(st.accept_hist)
+        return Generation(
+            np.asarray(st.out), np.asarray(st.n), lengths,
+            np.asarray(st.accepted), np.asarray(st.verify_steps), hist,
+        )  # fmt: skip
+    tokens, lengths, cache = _setup(model, prompts, max_new_tokens, max_len)
     logits, cache = model.prefill(tokens, cache, lengths)
     out, n = _loop(model, logits, cache, max_new_tokens, sampling, eos)
     return Generation(np.asarray(out), np.asarray(n), lengths)
+
+
+def _spec_run(model, tokens, lengths, cache, k, t, sampling, eos, oracle=None):
+    args = dict(k=k, sampling=sampling, max_new=t)
+    st = spec.start(model, tokens, lengths, cache, eos=eos, **args)
+    return spec.run(model, st, oracle=oracle, **args)
 
 
 def _loop(model, logits, cache, steps: int, s: Sampling, eos: int):
@@ -114,10 +148,17 @@ def generate_stream(
     sampling: Sampling = GREEDY,
     eos_id: int | None = None,
     max_len: int | None = None,
+    speculative: str | None = None,
+    draft_tokens: int | None = None,
 ) -> Iterator[int]:
-    """Yields the tokens of one prompt's continuation as they are produced."""
-    tokens, lengths, cache = _setup(model, [prompt], max_new_tokens, max_len)
+    """Yields the tokens of one prompt's continuation as they are produced (`speculative`,
+    `draft_tokens`: as in `generate`; each verify step yields its accepted run at once)."""
     eos = model.config.eos_token_id if eos_id is None else eos_id
+    if speculative is not None or draft_tokens is not None:
+        k = spec.check_args(model, speculative, draft_tokens)
+        yield from _spec_stream(model, prompt, max_new_tokens, max_len, sampling, eos, k)
+        return
+    tokens, lengths, cache = _setup(model, [prompt], max_new_tokens, max_len)
     logits, cache = model.prefill(tokens, cache, lengths)
     key0 = jax.random.key(sampling.seed)
     for i in range(max_new_tokens):
@@ -126,3 +167,17 @@ def generate_stream(
         if int(tok[0]) == eos:
             return
         logits, cache = model.decode_step(tok, cache)
+
+
+def _spec_stream(model, prompt, t: int, max_len, sampling: Sampling, eos: int, k: int):
+    tokens, lengths, cache = _setup(model, [prompt], t, max_len, k)
+    args = dict(k=k, sampling=sampling, max_new=t)
+    st = spec.start(model, tokens, lengths, cache, eos=eos, **args)
+    sent = 0
+    while True:
+        n, done = int(st.n[0]), bool(st.done[0])
+        yield from np.asarray(st.out[0, sent:n]).tolist()
+        if done:
+            return
+        sent = n
+        st = spec.step(model, st, **args)[0]
