@@ -61,6 +61,8 @@ def _parser() -> cli.Parser:
     ap.add_argument("--numerics", default="reference", choices=["reference", "bf16"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--max-len", type=int, default=None, help="cache length (default: needed)")
+    ap.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
+    ap.add_argument("--draft-tokens", type=int, default=None, help="drafts per step (default 1)")
     return ap
 
 
@@ -76,6 +78,10 @@ def check_flags(ap: cli.Parser, a: argparse.Namespace) -> None:
         ap.fail(f"--top-p must be in (0, 1] (1: off), not {a.top_p}")
     if a.max_len is not None and a.max_len < 1:
         ap.fail(f"--max-len must be >= 1, not {a.max_len}")
+    if a.draft_tokens is not None and a.speculative is None:
+        ap.fail("--draft-tokens only applies with --speculative mtp")
+    if a.draft_tokens is not None and a.draft_tokens < 1:
+        ap.fail(f"--draft-tokens must be >= 1, not {a.draft_tokens}")
     chat = a.chat is not None or a.messages is not None
     if a.chat is None and (a.system is not None or a.tools is not None):
         ap.fail("--system and --tools only apply to --chat (put them in --messages' file)")
@@ -90,6 +96,8 @@ def check_inputs(ap: cli.Parser, a: argparse.Namespace):
     cfg = cli.checkpoint_config(a.checkpoint)
     if a.top_k > cfg.vocab_size:
         ap.fail(f"--top-k must be <= the vocabulary ({cfg.vocab_size}), not {a.top_k}")
+    if a.speculative is not None and not cfg.num_mtp_layers:
+        ap.fail("--speculative mtp: this checkpoint has no MTP block (num_nextn_predict_layers 0)")
     tok = None if a.tokens is not None else load_tokenizer()
     ids = _prompt(ap, a, tok, cfg.vocab_size)
     need = len(ids) + a.max_new_tokens - 1  # the last sampled token is not fed back
@@ -192,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:  # CheckpointError, ConfigError: ValueError
         return cli.report(e)
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
-    out = _generate(a, model, tok, ids, max_len)
+    if a.speculative is not None:
+        out = _generate_speculative(a, model, tok, ids)
+    else:
+        out = _generate(a, model, tok, ids, max_len)
     if a.chat is not None or a.messages is not None:
         _print_parsed(tok, out, a.thinking)
     return 0
@@ -239,6 +250,33 @@ def _generate(a, model, tok, ids: list[int], max_len: int) -> list[int]:
         f"decode: {len(out)} tokens, {steps} steps in {decode_s:.2f} s = compilation "
         f"{decode_c:.2f} s + run {decode_s - decode_c:.2f} s "
         f"({_rate(steps, decode_s - decode_c)}, sampling included)"
+    )
+    return out
+
+
+def _generate_speculative(a, model, tok, ids: list[int]) -> list[int]:
+    """`v4jax.generate(..., speculative="mtp")`: one compiled loop, printed when done."""
+    s = v4jax.Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    k = a.draft_tokens or 1
+    t0, c0 = time.perf_counter(), _compile_seconds[0]
+    g = v4jax.generate(
+        model,
+        [ids],
+        max_new_tokens=a.max_new_tokens,
+        sampling=s,
+        speculative="mtp",
+        draft_tokens=k,
+    )
+    seconds, compiled = time.perf_counter() - t0, _compile_seconds[0] - c0
+    out = g.sequences()[0]
+    print(tok.decode(out) if tok else " ".join(map(str, out)))
+    steps, accepted = int(g.verify_steps[0]), int(g.accepted[0])
+    print(
+        f"\n\nspeculative (MTP, {k} draft{'s' if k > 1 else ''} per step): {len(out)} tokens in "
+        f"{steps} verify steps, {accepted} drafts accepted "
+        f"({(accepted + steps) / max(steps, 1):.2f} tokens per step); {seconds:.2f} s = "
+        f"compilation {compiled:.2f} s + run {seconds - compiled:.2f} s "
+        f"({_rate(len(out), seconds - compiled)}, prefill included)"
     )
     return out
 

@@ -121,6 +121,9 @@ GENERATE = [
     (["--tokens", "1", "--tools", "/nonexistent/tools.json"], "--tools"),
     (["--prompt", "hi", "--reasoning-effort", "max"], "--reasoning-effort"),
     (["--chat", "hi", "--reasoning-effort", "low"], "--reasoning-effort"),
+    (["--tokens", "1", "--draft-tokens", "2"], "--draft-tokens"),
+    (["--tokens", "1", "--speculative", "mtp", "--draft-tokens", "0"], "--draft-tokens"),
+    (["--tokens", "1", "--speculative", "medusa"], "--speculative"),
 ]
 
 
