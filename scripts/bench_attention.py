@@ -44,7 +44,7 @@ from v4jax import cli
 from v4jax.kernels.sparse_attention import BackwardBlockSizes, BlockSizes, sparse_attention
 from v4jax.kernels.sparse_attention.reference import sparse_attention_reference
 
-DATASHEET = {  # bytes/s, bf16 dense FLOP/s (performance.md)
+DATASHEET = {  # bytes/s, bf16 dense FLOP/s (NVIDIA datasheets)
     "H100": (3.35e12, 989e12),
     "H200": (4.8e12, 989e12),
 }

@@ -16,7 +16,7 @@ layer's useful TFLOP/s at T = 4096 (routed 2 T k 3 D F + shared 2 T 3 D F + rout
 over the measured time) against the bf16 matrix peak, and a batch-1 decode step's weight
 bandwidth (bytes of the k routed experts, the shared expert and the router read, over the
 time; the step is timed over distinct tokens so routed experts are rarely reused from cache)
-against the memory bandwidth peak. Datasheet peaks from `performance.md`.
+against the memory bandwidth peak. Peaks from NVIDIA's H100 / H200 datasheets.
 """
 
 from __future__ import annotations

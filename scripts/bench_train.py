@@ -1,11 +1,11 @@
 """Train-step cost on CPU per rematerialisation policy: compile time, step time, tokens/s,
 memory, and training FLOPs per token against the ideal (issue 12; policies:
-`training-and-serving.md` A.9, FLOP counting: C.4).
+V4 report §3.5).
 
 Why: remat trades memory for recomputation, and the trade is only visible when both are
 measured on the real step (`v4jax.train.step.make_step`: forward + backward of the whole
 objective, LM + MTP + balance terms, then the optimizer). XLA's `cost_analysis` counts a scan
-body once (C.4), and V4 scans over layers, so FLOPs are counted on the step's jaxpr
+body once, and V4 scans over layers, so FLOPs are counted on the step's jaxpr
 (`v4jax.cost`: scans times their length), per component.
 
 * Time: the step compiled ahead of time (trace and compile timed apart), one warm-up call,

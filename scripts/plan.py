@@ -6,7 +6,7 @@ Lowers and compiles the sharded forward (`v4jax.api.logits_jit`, the program `Mo
 runs) for abstract parameters (ShapeDtypeStructs with their NamedShardings: nothing is
 allocated) and prints, per device: parameter bytes (from the rules), the compiled program's
 argument and temporary bytes (`compiled.memory_analysis()`), a KV-cache estimate at the context
-length (v4-architecture.md section 8: CSA 320 B and HCA 8 B per token per layer in bf16, plus
+length (the reference's cache layout: CSA 320 B and HCA 8 B per token per layer in bf16, plus
 each layer's 128-slot window and compressor state), and whether it fits. Only the forward
 (prefill) program is compiled; the decode step's own temporaries are not planned here (its
 cache is the KV estimate above). Temporaries are those of the CPU compiler for a short prefill
@@ -69,7 +69,7 @@ def _fake_devices(n: int) -> None:
 
 
 def kv_cache_bytes(cfg, context: int) -> int:
-    """Bytes of one sequence's decode cache at `context` tokens (v4-architecture.md 8, bf16)."""
+    """Bytes of one sequence's decode cache at `context` tokens (the reference's layout, bf16)."""
     k, ik = cfg.head_dim, cfg.index_head_dim
     total = 0
     for r in cfg.layer_ratios:

@@ -1,4 +1,4 @@
-"""Sharding: the only code that knows about meshes and devices (DESIGN.md, layer 5).
+"""Sharding: the only code that knows about meshes and devices (README, "Layout").
 
 - `rules`: logical -> mesh axis tables, `TRAIN` and `DECODE` (axes data, fsdp, expert, tensor).
 - `mesh`: `make_mesh("expert=4 x tensor=2")`; `auto(mesh)` for user meshes.

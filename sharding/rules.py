@@ -1,4 +1,4 @@
-"""Logical -> mesh axis rules: one table per regime (DESIGN.md, "Sharding"; STYLE.md 4).
+"""Logical -> mesh axis rules: one table per regime (README, "Sharding").
 
 Mesh axes (the only ones; add one only when a regime needs it):
   data    pure data parallelism: batch rows; parameters replicated.

@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests run on the CPU with 8 fake devices (DESIGN.md, tests and CI)."""
+"""Shared fixtures. Tests run on the CPU with 8 fake devices (as in CI)."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""The complete DeepSeek-V4 chat format (`v4jax.chat`; `v4-architecture.md` section 9).
+"""The complete DeepSeek-V4 chat format (`v4jax.chat`).
 
 The specification is the release's `encoding/encoding_dsv4.py`. Two kinds of evidence:
 - its four public golden pairs (`tests/data/chat_golden/`, byte-identical to the release's

@@ -3,8 +3,8 @@
 Every key the architecture needs must be in the file or follow from other keys; a missing,
 mistyped or invalid key is one short line naming the key in config.json's spelling and the
 file; unknown keys are a ConfigWarning; the keys HF configs carry that change nothing are
-silent. The key lists below are written from v4-architecture.md section 1.1 (the official
-Flash / Pro top-level config.json), not from the implementation.
+silent. The key lists below are written from the official Flash / Pro top-level config.json,
+not from the implementation.
 """
 
 import json
@@ -16,7 +16,7 @@ import v4jax
 from v4jax.checkpoint import orbax_io
 from v4jax.config import ConfigError, ConfigWarning, from_dict, from_json, to_dict
 
-# Keys the model needs, each with no possible default (v4-architecture.md 1.1).
+# Keys the model needs, each with no possible default (official config.json).
 REQUIRED = [
     "vocab_size", "hidden_size", "num_hash_layers", "num_attention_heads", "head_dim",
     "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window",

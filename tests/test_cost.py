@@ -34,7 +34,7 @@ def test_matmul_flops_exact_and_agrees_with_xla():
     x, w = S((32, 48), F32), S((48, 80), F32)
     r = cost.count(lambda x, w: x @ w, x, w)
     assert r.flops == mm_flops(32, 48, 80)
-    # no loops here: XLA's own count is an independent oracle (training-and-serving.md C.4)
+    # no loops here: XLA's own count is an independent oracle
     xla = jax.jit(lambda x, w: x @ w).lower(x, w).compile().cost_analysis()
     xla = xla[0] if isinstance(xla, list) else xla
     assert r.flops == xla["flops"]

@@ -174,7 +174,7 @@ def test_prompt_longer_than_cache(model, seq):
 
 def test_cache_bytes():
     flash = cache_bytes(v4jax.config.flash(), 2**20)
-    assert flash["per_token"] == 6880  # spec section 8: 21 x 320 + 20 x 8
+    assert flash["per_token"] == 6880  # 21 CSA x 320 B + 20 HCA x 8 B (reference, bf16)
     assert abs(flash["total"] / 2**30 - 6.72) < 0.03
     assert cache_bytes(v4jax.config.pro(), 2**20)["per_token"] == 9848
     model = v4jax.init(CFG, seed=0)  # bf16 cache

@@ -5,16 +5,16 @@ import v4jax
 
 def test_flash_counts():
     c = v4jax.count_params(v4jax.config.flash())
-    assert round(c["total"] / 1e9, 1) == 284.3  # advertised 284B; spec 284.33B
-    assert 13.0e9 < c["active"] < 13.4e9  # spec: ~13.3B activated excluding the embedding
+    assert round(c["total"] / 1e9, 1) == 284.3  # advertised 284B; shapes: 284.33B
+    assert 13.0e9 < c["active"] < 13.4e9  # ~13.3B activated excluding the embedding
     assert round(c["mtp"] / 1e9, 1) == 6.6
 
 
 def test_pro_counts():
     c = v4jax.count_params(v4jax.config.pro())
-    assert round(c["total"] / 1e9) == 1573  # spec 1573.0B backbone
+    assert round(c["total"] / 1e9) == 1573  # 1573.0B backbone, from the shapes
     assert round((c["total"] + c["mtp"]) / 1e9, 1) == 1598.8  # with MTP ~1.6T
-    assert 48.5e9 < c["active"] < 49.5e9  # spec ~48.9B
+    assert 48.5e9 < c["active"] < 49.5e9  # ~48.9B, advertised 49B
 
 
 def test_flash_abstract_model_has_release_layout():

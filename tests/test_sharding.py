@@ -2,7 +2,7 @@
 
 Equality is in float32 (`numerics="bf16", dtype=float32`): a mesh changes only summation
 order (split contractions, psums across expert ranks), so the logits agree to float32 rounding
-(1e-5 relative, STYLE.md 10). Prefill + decode on meshes comes with the decode issue.
+(1e-5 relative). Prefill + decode on meshes comes with the decode issue.
 """
 
 from __future__ import annotations

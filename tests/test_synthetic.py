@@ -45,7 +45,7 @@ def test_specs_match_fixture_exactly() -> None:
 
 
 def test_specs_full_size_spot_checks() -> None:
-    """Shapes of `v4-architecture.md` 7.2 (computed from the config only, nothing allocated)."""
+    """Release tensor shapes of Flash (computed from the config only, nothing allocated)."""
     f = release_tensor_specs(flash())
     assert f["layers.0.attn.wo_a.weight"] == ("F8_E4M3", (8192, 4096))
     assert f["layers.0.attn.wo_a.scale"] == ("F8_E8M0", (64, 32))

@@ -1,4 +1,4 @@
-"""The V4 tokenizer and chat format (`v4-architecture.md` section 9)."""
+"""The V4 tokenizer and chat format (the release's `tokenizer.json`)."""
 
 import os
 

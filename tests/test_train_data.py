@@ -1,6 +1,6 @@
 """Training data pipeline: sources, tokenization modes, chat loss masks, packing, shuffling,
 resumable iterator state, held-out split and input errors (`v4jax/train/data.py`,
-`v4jax/train/packing.py`; `training-and-serving.md` A.3)."""
+`v4jax/train/packing.py`; V4 report §4.1)."""
 
 import json
 

@@ -6,8 +6,8 @@ with no QAT simulation, so what is left is float32 summation order. HF has neith
 block nor the V4 auxiliary losses; the oracle adds them in torch from HF's own modules and
 tensors: the MTP block is an HF `DeepseekV4DecoderLayer` (window-only, scored routing) loaded
 with `mtp.0.*` plus torch e_proj / h_proj / norms / hc-head, fed with HF's final streams
-(captured before its `hc_head`); the balance term is the paper's formula (A.4) on the HF
-routers' logits and picks; the indexer KL (A.6) uses HF's attention probabilities, index
+(captured before its `hc_head`); the balance term is the paper's formula (V3 §2.1.2) on the HF
+routers' logits and picks; the indexer KL (V3.2 §2.1.1) uses HF's attention probabilities, index
 scores and selected-entry mask. Each term is differentiated on its own by torch and by
 jax (one vjp per term) and compared by release tensor name.
 
@@ -210,7 +210,7 @@ def _ce(logits, targets, weight):
 
 
 def _balance(logits, top, gate, length):
-    """alpha-free sequence-wise balance term (training-and-serving.md A.4) of one router."""
+    """alpha-free sequence-wise balance term (V3 report §2.1.2) of one router."""
     e, k = gate.num_experts, gate.top_k
     s = gate.score_fn(logits).view(2, -1, e)[:, :length]
     hits = torch.nn.functional.one_hot(top.view(2, -1, k)[:, :length], e).sum(-2).float()
@@ -239,7 +239,7 @@ def _kl(seen) -> torch.Tensor:
 
 
 class _TorchMTP(torch.nn.Module):
-    """The MTP block `mtp.0` (v4-architecture.md 6.1) from HF modules, float32."""
+    """The MTP block `mtp.0` (reference `MTPBlock`) from HF modules, float32."""
 
     def __init__(self, model, folder):
         super().__init__()

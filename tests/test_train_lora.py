@@ -1,4 +1,4 @@
-"""LoRA fine-tuning on the release-format base (`v4jax.train.lora`, training-and-serving.md E).
+"""LoRA fine-tuning on the release-format base (`v4jax.train.lora`).
 
 One tiny model (a hash window layer, two stacked CSA layers, the MTP block) in the float32
 "bf16" numerics, fine-tuned on repeated English text (module fixture `run`, read by the

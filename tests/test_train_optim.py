@@ -1,4 +1,4 @@
-"""The V4 optimizer and LR schedule (training-and-serving.md A.1-A.3, B.1).
+"""The V4 optimizer and LR schedule (V4 report §2.4, §4.2.2).
 
 Oracles are float64 numpy written from the report's formulas (Newton-Schulz, sum momentum with
 Nesterov, AdamW), not our own outputs. Singular values via eigvalsh of the float64 Gram matrix.
@@ -26,7 +26,7 @@ QUINTIC5 = ((3.4445, -4.7750, 2.0315),) * 5  # the standard Muon schedule: 5 ste
 
 
 def _ns_ref(x, coeffs=V4_NS_COEFFS):
-    """float64 NS exactly as A.2 writes it: X <- aX + b(XX^T)X + c(XX^T)^2 X on X / ||X||_F."""
+    """float64 NS as V4 report §2.4 writes it: X <- aX + b(XX^T)X + c(XX^T)^2 X on X / ||X||_F."""
     x = np.asarray(x, np.float64)
     x = x / np.linalg.norm(x)
     for a, b, c in coeffs:
@@ -83,7 +83,7 @@ def test_hybrid_ns_singular_values(shape):
     lo, hi = _sv_range(jax.jit(newton_schulz)(x))
     qlo, qhi = _sv_range(jax.jit(lambda x: newton_schulz(x, QUINTIC5))(x))
     print(f"{shape}: 8+2 sv [{lo:.5f}, {hi:.5f}]; 5-step quintic sv [{qlo:.4f}, {qhi:.4f}]")
-    assert 0.99 <= lo and hi <= 1.01  # A.2's claim for the hybrid schedule
+    assert 0.99 <= lo and hi <= 1.01  # the hybrid schedule's purpose (§2.4)
     assert qlo < 0.99 or qhi > 1.01  # the quintic alone only reaches ~[0.7, 1.13]
 
 
@@ -154,7 +154,7 @@ def test_muon_sum_momentum_and_nesterov_two_steps():
     _, state = opt.update(g1, state, params)
     u, _ = opt.update(g2, state, params)
     a, b = (np.asarray(g["mtp"]["e_proj"]["weight"], np.float64) for g in (g1, g2))
-    m2 = 0.95 * a + b  # M_2 = mu M_1 + G_2 (plain sum, A.2)
+    m2 = 0.95 * a + b  # M_2 = mu M_1 + G_2 (plain sum, V4 report §2.4)
     ref = -0.18 * np.sqrt(40) * _ns_ref(0.95 * m2 + b)  # Nesterov input mu M_2 + G_2
     np.testing.assert_allclose(np.asarray(u["mtp"]["e_proj"]["weight"]), ref, atol=1e-5)
     # optax's bias-corrected EMA weights G_1 0.374:1 against G_2 instead of 0.463:1.
@@ -251,7 +251,8 @@ def test_kind_adamw_has_no_muon_group_and_bad_kind_fails():
 # --------------------------------------------------------------------------- partition table
 
 # (optimizer, weight decay?) per parameter of the tiny model; layer indices written as *.
-# A.1: AdamW for embedding, head, RMSNorm weights, mHC S (base) and alpha (scale); our choice:
+# V4 report §2.4, §4.2.2: AdamW for embedding, head, RMSNorm weights, mHC S (base) and alpha
+# (scale); our choice:
 # AdamW without decay for attention sinks and compressor position biases (ape).
 BLOCK = {
     "attn/attn_sink": ("adamw", False),
@@ -402,7 +403,7 @@ def test_sharded_update_equals_unsharded():
 
 def test_schedule_values():
     s = flash_schedule(decay_start=10_000, total=12_000)
-    peak, final = 2.7e-4, 2.7e-5  # A.3
+    peak, final = 2.7e-4, 2.7e-5  # V4 report §4.2.2
     expected = {
         0: peak / 2000,  # first warm-up step: peak * 1 / 2000
         999: peak / 2,

@@ -10,10 +10,20 @@ from v4jax import config
 from v4jax.api import Model, count_params, export_hf, init, load
 from v4jax.checkpoint.errors import CheckpointError
 from v4jax.config import ConfigError
-from v4jax.decode import Sampling, generate, generate_stream
+from v4jax.decode import PrefixCache, Sampling, generate, generate_stream
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Model", "Sampling", "config", "count_params", "export_hf",
-    "generate", "generate_stream", "init", "load",
+    "CheckpointError",
+    "ConfigError",
+    "Model",
+    "PrefixCache",
+    "Sampling",
+    "config",
+    "count_params",
+    "export_hf",
+    "generate",
+    "generate_stream",
+    "init",
+    "load",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The public API (`DESIGN.md`): `load`, `init`, `count_params` and the `Model` they return.
+"""The public API (README, "API"): `load`, `init`, `count_params` and the `Model` they return.
 
 A `Model` is data: a config, a numerics policy, the NNX graph definition and the parameter
 state (release formats kept). Its methods are jit-compiled pure functions of that state.
@@ -268,7 +268,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
     `total`: main stack + embedding + head (the advertised 284B / 1.6T exclude the MTP block,
     reported as `mtp`). `active`: parameters used per token, i.e. total minus the unused routed
-    experts and minus the embedding table (a lookup, as the spec's 13.3B / 48.9B count it).
+    experts and minus the embedding table (a lookup): 13.3B / 48.9B, the advertised 13B / 49B.
     FP4 bytes count two parameters; E8M0 scales and `tid2eid` are not parameters."""
     _, abstract = _abstract(cfg, Precision(Numerics.BF16, jnp.float32), "auto")
     total = routed = mtp = 0

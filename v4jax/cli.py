@@ -1,6 +1,6 @@
 """The command-line pieces every script in `scripts/` shares: a refusal is one line.
 
-`scripts/` holds thin entry points (DESIGN.md, "Layers of the code", 10), and each one refuses
+`scripts/` holds thin entry points (README, "Layout"), and each one refuses
 a bad flag, file or size the same way, before anything expensive (loading weights, compiling,
 measuring): exactly one `error: ...` line on stderr, no usage dump, no traceback, exit status 2
 (argparse's own status for usage errors). This module is that convention, written once:

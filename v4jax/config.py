@@ -2,11 +2,11 @@
 
 Every field mirrors a key of the official release's `config.json` (HF names) and of the
 reference's `inference/config.json` (`ModelArgs` names, given in each docstring). Values of the
-presets are those of `v4-architecture.md` section 1. Derived quantities are properties; the layer
+presets are those of the release's `config.json`. Derived quantities are properties; the layer
 plan (which layers are window-only / CSA / HCA / hash-routed, grouped into repeating segments that
 are stacked and scanned) is computed by `layer_plan`.
 
-`from_json` reads a release `config.json` strictly (v4-architecture.md 1.1): a key the model
+`from_json` reads a release `config.json` strictly (its keys, as released): a key the model
 needs is never filled in from a preset; a missing, mistyped or invalid one is a one-line
 ConfigError in config.json's spelling, naming the file; unknown keys are a ConfigWarning.
 """
@@ -321,8 +321,8 @@ def tiny(*, compress_ratios: tuple[int, ...] = (0, 4, 128, 4, 0), **changes: Any
 # ---------------------------------------------------------------------------------------------
 # config.json
 #
-# Read strictly (v4-architecture.md section 1.1): every key the architecture needs must be in the
-# file, or follow from other keys (the layer count and the MTP count from `compress_ratios`);
+# Read strictly (the release's config.json keys): every key the architecture needs must be in
+# the file, or follow from other keys (the layer count and the MTP count from `compress_ratios`);
 # nothing falls back to a preset, because a missing key silently taking Flash's value gives a
 # different model with no error. Keys the architecture fixes (`num_key_value_heads` 1, ...) may be
 # absent but must have V4's value when present; HF bookkeeping keys are ignored; anything else is

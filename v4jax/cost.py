@@ -1,7 +1,7 @@
 """Cost of a traced program per model component: matmul FLOPs, other operations and the
 parameter bytes it reads.
 
-Why: XLA's `cost_analysis` counts a scan / while body once (`training-and-serving.md` C.4), and
+Why: XLA's `cost_analysis` counts a scan / while body once, not times its trip count, and
 V4 scans over layers with loops over experts inside. This walks the closed jaxpr of
 `jax.make_jaxpr(fn)(*args)`; with `jax.ShapeDtypeStruct` arguments nothing is allocated.
 

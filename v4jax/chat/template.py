@@ -1,4 +1,4 @@
-"""The fixed strings of the DeepSeek-V4 chat format (`v4-architecture.md` section 9).
+"""The fixed strings of the DeepSeek-V4 chat format (`encoding/encoding_dsv4.py`).
 
 Everything the model was trained to read lives here: the special-token strings, the DSML tag
 names, the `## Tools` section that lists the tool schemas, the response-format section and the

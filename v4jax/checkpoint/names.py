@@ -1,4 +1,4 @@
-"""The map between release tensor names and our parameter tree (spec 7.2).
+"""The map between release tensor names and our parameter tree (the release's safetensors index).
 
 A release tensor is a slice of one leaf of our state: `layers.{L}.*` lands at index `r` of the
 stacked leaf of its segment (`segments.{s}.blocks.{j}.*`), routed experts

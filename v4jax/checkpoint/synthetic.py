@@ -1,7 +1,7 @@
 """Random checkpoints in the exact on-disk layout of the official DeepSeek-V4 release.
 
-`release_tensor_specs`: every release tensor for a config (`v4-architecture.md` 7.2; no `model.`
-prefix, `mtp.0.*` included) -> (safetensors dtype, shape). Quantised weights are encoded (7.1)
+`release_tensor_specs`: every release tensor for a config (names as in the release's safetensors;
+no `model.` prefix, `mtp.0.*` included) -> (safetensors dtype, shape). Quantised weights are encoded
 with the one release recipe, `v4jax.numerics.quantize` (its four functions are re-exported here
 for existing callers). `random_release_tensors` / `write_release_checkpoint` follow the
 `v4-tiny-flash` README recipe; each tensor has its own generator seeded by (seed, crc32(name)),

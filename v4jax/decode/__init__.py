@@ -6,6 +6,7 @@ from v4jax.decode.cache import CompressorState, DecodeCache, LayerCache, init_ca
 from v4jax.decode.chunk import forward_chunk
 from v4jax.decode.generate import Generation, generate, generate_stream, pad_prompts
 from v4jax.decode.persist import cache_bytes, load_cache, measured_bytes, save_cache
+from v4jax.decode.prefix_store import PrefixCache
 from v4jax.decode.sampling import Sampling, greedy, sample
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "DecodeCache",
     "Generation",
     "LayerCache",
+    "PrefixCache",
     "Sampling",
     "forward_chunk",
     "cache_bytes",

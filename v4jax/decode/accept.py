@@ -1,4 +1,4 @@
-"""Draft proposal and the acceptance rules of speculative decoding (training-and-serving.md D.1).
+"""Draft proposal and the acceptance rules of speculative decoding (Leviathan et al. 2023).
 
 Greedy: a draft is accepted iff it equals the main model's argmax; the emitted tokens are then
 exactly the argmaxes at the verified positions, so the output equals plain greedy decoding.

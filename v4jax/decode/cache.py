@@ -1,6 +1,6 @@
 """Decode state: V4's heterogeneous per-layer cache, with per-sequence positions.
 
-Per layer (spec section 8): a `window`-slot ring buffer of raw K = V rows (position p lives in
+Per layer (as in the reference): a `window`-slot ring buffer of raw K = V rows (position p lives in
 slot p mod window) in every layer; in compressed layers (r > 0) the compressed entries (one per
 r tokens) and the compressor's pending raw projections (`CompressorState`: the current,
 incomplete block and, for the overlapping r = 4 compressor, the previous block); in CSA layers

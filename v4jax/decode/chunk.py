@@ -3,7 +3,7 @@
 Each sequence b continues at its own position p_b = cache.pos[b] with n_b valid tokens of the
 right-padded chunk [B, S] (prefill: S tokens, decode: S = 1). This single path serves one-shot
 prefill, chunked prefill from any position (which the official reference cannot do) and
-decode. Per layer (spec 3, 8):
+decode. Per layer (reference `Attention.forward`):
 
 * the attention pool is [ring buffer (window rows) | chunk rows (S) | compressed entries];
   each query's window is positions max(0, t-W+1) .. t, oldest first (the reference's order),

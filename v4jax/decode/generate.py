@@ -16,6 +16,7 @@ from flax import nnx
 
 from v4jax.decode import speculative as spec
 from v4jax.decode.chunk import forward_chunk
+from v4jax.decode.prefix import prefill_cached
 from v4jax.decode.sampling import Sampling, sample
 from v4jax.numerics.policy import jit
 
@@ -74,16 +75,22 @@ def generate(
     max_len: int | None = None,
     speculative: str | None = None,
     draft_tokens: int | None = None,
+    prefix_cache=None,
 ) -> Generation:
     """Batched generation compiled as one `while_loop` (stops when every sequence is done).
 
     `speculative="mtp"`: the MTP block drafts `draft_tokens` tokens (default 1) per step and
     the main model verifies them in one chunk; greedy output equals plain greedy decoding and
     sampled output is distributed as plain sampling (`v4jax.decode.speculative`). The cache
-    is sized for the draft positions (`max_len`, if given, must cover them)."""
+    is sized for the draft positions (`max_len`, if given, must cover them).
+
+    `prefix_cache`: a `v4jax.PrefixCache`; each prompt's longest cached block-aligned prefix
+    is restored instead of prefilled and its new complete blocks are stored
+    (`v4jax.decode.prefix`); the output is that of a cold prefill."""
     eos = model.config.eos_token_id if eos_id is None else eos_id
     if speculative is not None or draft_tokens is not None:
         k = spec.check_args(model, speculative, draft_tokens)
+        _no_prefix_cache(prefix_cache)
         tokens, lengths, cache = _setup(model, prompts, max_new_tokens, max_len, k)
         st = _spec_run(model, tokens, lengths, cache, k, max_new_tokens, sampling, eos)
         hist = np.asarray(st.accept_hist)
@@ -92,9 +99,23 @@ def generate(
             np.asarray(st.accepted), np.asarray(st.verify_steps), hist,
         )  # fmt: skip
     tokens, lengths, cache = _setup(model, prompts, max_new_tokens, max_len)
-    logits, cache = model.prefill(tokens, cache, lengths)
+    logits, cache = _prefill(model, prompts, tokens, lengths, cache, prefix_cache)
     out, n = _loop(model, logits, cache, max_new_tokens, sampling, eos)
     return Generation(np.asarray(out), np.asarray(n), lengths)
+
+
+def _prefill(model, prompts, tokens, lengths, cache, prefix_cache):
+    if prefix_cache is None:
+        return model.prefill(tokens, cache, lengths)
+    return prefill_cached(model, [list(p) for p in prompts], cache, prefix_cache)
+
+
+def _no_prefix_cache(prefix_cache) -> None:
+    if prefix_cache is not None:
+        raise ValueError(
+            "prefix_cache with speculative='mtp' is not supported yet (the MTP block's "
+            "window is not stored); use one or the other"
+        )
 
 
 def _spec_run(model, tokens, lengths, cache, k, t, sampling, eos, oracle=None):
@@ -150,16 +171,19 @@ def generate_stream(
     max_len: int | None = None,
     speculative: str | None = None,
     draft_tokens: int | None = None,
+    prefix_cache=None,
 ) -> Iterator[int]:
     """Yields the tokens of one prompt's continuation as they are produced (`speculative`,
-    `draft_tokens`: as in `generate`; each verify step yields its accepted run at once)."""
+    `draft_tokens`, `prefix_cache`: as in `generate`; each verify step yields its accepted run
+    at once)."""
     eos = model.config.eos_token_id if eos_id is None else eos_id
     if speculative is not None or draft_tokens is not None:
         k = spec.check_args(model, speculative, draft_tokens)
+        _no_prefix_cache(prefix_cache)
         yield from _spec_stream(model, prompt, max_new_tokens, max_len, sampling, eos, k)
         return
     tokens, lengths, cache = _setup(model, [prompt], max_new_tokens, max_len)
-    logits, cache = model.prefill(tokens, cache, lengths)
+    logits, cache = _prefill(model, [prompt], tokens, lengths, cache, prefix_cache)
     key0 = jax.random.key(sampling.seed)
     for i in range(max_new_tokens):
         tok = sample(logits, jax.random.fold_in(key0, i), sampling)

@@ -1,4 +1,4 @@
-"""MTP speculative decoding (issue 15 section 1; training-and-serving.md D.1; V3 report 5.4.3).
+"""MTP speculative decoding (issue 15 section 1; V3 report §5.4.3).
 
 One verify step per sequence, all under jit with static shapes:
 

@@ -1,4 +1,4 @@
-"""Forward passes for speculative decoding (training-and-serving.md D.1): a chunk forward that
+"""Forward passes for speculative decoding (V3 report §5.4.3): a chunk forward that
 returns the final streams of every position, a verify forward that leaves the cache untouched,
 a commit that writes any per-sequence prefix of a verified chunk, and the MTP block on a cache.
 
@@ -17,7 +17,8 @@ compressed entry and no pending compressor row behind. The commit computes no at
 output (dead code that XLA removes): only the window, compressor and indexer projections of
 the kept tokens, a small fraction of a layer.
 
-The MTP block (spec 6.1) is an r = 0 block, so its cache is one window ring (`LayerCache`).
+The MTP block (reference `MTPBlock`) is an r = 0 block, so its cache is one window ring
+(`LayerCache`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ loaded `v4jax.Model`), `numerics` (reference | bf16), `dtype` (bfloat16 | float3
 `max_gen_toks` (default 256), `buckets` (`64:256:1024`), `thinking` (chat prompts open the
 reasoning block; `</think>` ends it in the output), `tokenizer` (a tokenizer.json), `seed`.
 
-Conventions (lm-eval's, on the official V4 encoding, `v4-architecture.md` section 9):
+Conventions (lm-eval's, on the official V4 encoding, `encoding_dsv4.py`):
 - tokens: a text is BOS + its tokens unless it already starts with the BOS string (chat
   prompts do). A model whose vocabulary is smaller than the official tokenizer's (the tiny
   test models) reads UTF-8 bytes as ids (`v4jax.train.data.tokenizer_mode`, as in training).

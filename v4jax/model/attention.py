@@ -1,9 +1,9 @@
-"""V4 attention (spec 3.1): low-rank queries, one shared K = V head, sliding window plus
-compressed entries (CSA: indexer top-k; HCA: all complete entries), one softmax with a sink,
-de-rotated output and the grouped low-rank output projection.
+"""V4 attention (reference `Attention`): low-rank queries, one shared K = V head, sliding window
+plus compressed entries (CSA: indexer top-k; HCA: all complete entries), one softmax with a
+sink, de-rotated output and the grouped low-rank output projection.
 
 `__call__` is the full-sequence form (tokens at positions 0 .. S-1); `forward_train` is the
-same with the lightning indexer's training stages and KL (training-and-serving.md A.6). The
+same with the lightning indexer's training stages and KL (V3.2 report §2.1.1). The
 pieces (`queries`, `window_kv`, `output`) are public so the decode loop can drive them with its
 cache. `wo_a` is rounded to bf16 as the reference does (bf16 activations only: a float32
 forward keeps the float32 weight, which the release's FP8 values fit exactly) with a
@@ -89,7 +89,7 @@ class Attention(nnx.Module):
         b, s = o.shape[:2]
         o = o.reshape(b, s, c.o_groups, -1).astype(F32)  # [B, S, G, H*K/G]
         wa = dequant("fp8", self.wo_a.weight[...], self.wo_a.scale)
-        if self.prec.dtype != jnp.dtype(F32):  # the reference's bf16 wo_a (spec 3.1 step 8)
+        if self.prec.dtype != jnp.dtype(F32):  # bf16 wo_a, as the reference's convert.py
             wa = round_straight_through(wa, jnp.bfloat16)
         wa = wa.reshape(c.o_groups, c.o_lora_rank, -1)
         z = act_einsum("bsgi,gri->bsgr", o, wa, self.prec).astype(self.prec.dtype)
@@ -102,7 +102,7 @@ class Attention(nnx.Module):
     def forward_train(self, u: jnp.ndarray, indexer: str = "off"):
         """u [B, S, D] -> (output [B, S, D], (indexer KL summed over queries, queries) float32).
 
-        `indexer` (CSA layers; training-and-serving.md A.6): "off" = inference, no KL;
+        `indexer` (CSA layers; V3.2 report §2.1.1): "off" = inference, no KL;
         "dense" = warm-up: attention over every visible entry, the indexer scored against it;
         "sparse" = attention over the indexer's top-k, KL over the picked entries. In both
         training stages the indexer reads detached inputs and the KL target is detached, so
@@ -166,7 +166,7 @@ def attention_probs(q, pool, idx, sink, cfg: ModelConfig) -> jnp.ndarray:
 
 def round_straight_through(x: jnp.ndarray, dtype) -> jnp.ndarray:
     """x rounded to `dtype` (returned float32) with an identity gradient: a float32 master
-    weight's gradient is not rounded with it (straight-through, training-and-serving.md A.7)."""
+    weight's gradient is not rounded with it (straight-through, V4 report §3.4)."""
     return straight_through(lambda a: a.astype(dtype).astype(F32), x.astype(F32))
 
 
@@ -198,5 +198,6 @@ def prefill_window_idx(s: int, window: int) -> jnp.ndarray:
 
 
 def entry_visible(t: jnp.ndarray, n: int, ratio: int) -> jnp.ndarray:
-    """Entry i is visible to query t iff its block is complete: (i + 1) r <= t + 1 (spec 3.4)."""
+    """Entry i is visible to query t iff its block is complete: (i + 1) r <= t + 1 (reference
+    `get_compress_topk_idxs`)."""
     return jnp.arange(n)[None, :] < ((t + 1) // ratio)[:, None]

@@ -1,4 +1,4 @@
-"""A V4 block: mHC site -> attention -> mHC site -> MoE (spec 4, 5)."""
+"""A V4 block: mHC site -> attention -> mHC site -> MoE (reference `Block`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token-axis KV compressor (spec 3.3): gated pooling of r tokens into one entry.
+"""Token-axis KV compressor (reference `Compressor`): gated pooling of r tokens into one entry.
 
 r = 128: entry i pools block i (tokens 128i .. 128i+127), softmax per channel over the block.
 r = 4 ("overlap"): the projections have 2c channels; channels [c:2c] of block i and channels
@@ -74,7 +74,8 @@ class Compressor(nnx.Module):
 
 
 def quant_kv_nope(x: jnp.ndarray, rope_dim: int, prec: Precision) -> jnp.ndarray:
-    """FP8 quant-dequant of the nope dims in 64-wide blocks (spec 11.7); rope dims untouched."""
+    """FP8 quant-dequant of the nope dims in 64-wide blocks (kernel.py `act_quant`); rope dims
+    untouched."""
     if not prec.simulate_quant:
         return x
     nope = fp8_quant_dequant(x[..., :-rope_dim].astype(F32), 64).astype(x.dtype)

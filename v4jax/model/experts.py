@@ -1,4 +1,4 @@
-"""Routed-expert math shared by every MoE path (spec: `v4-architecture.md` 5, 11.15, 11.17).
+"""Routed-expert math shared by every MoE path (reference `Expert`, `MoE`).
 
 `expert_sum` is the dense specification: a scan over experts in index order, each expert on
 every token with its routing weight (0 for tokens not routed to it). It reproduces the
@@ -11,7 +11,7 @@ dropped tokens) and must equal the specification:
   tile dequantises its expert next to its matmul.
 - "ragged" (GPU / TPU): `tokamax.ragged_dot` (Pallas grouped matmul) on the sorted rows,
   `jax.lax.ragged_dot` as the fallback. On CPU XLA decomposes it into a dense matmul over all
-  groups (`training-and-serving.md` C.1), so it is only tested there, never chosen.
+  groups (g times the useful FLOPs), so it is only tested there, never chosen.
 - "gather" (decode, few rows): each assignment takes its expert's quantised weights
   (`jnp.take`), so a batch-1 decode step reads k experts, not E.
 `implementation(name)` overrides the automatic choice at trace time.
@@ -68,7 +68,7 @@ def choose(rows: int, n: int) -> str:
 
 
 def swiglu(g: jnp.ndarray, u: jnp.ndarray, limit: float) -> jnp.ndarray:
-    """silu(min(g, L)) * clamp(u, -L, L) in float32 (spec 11.18)."""
+    """silu(min(g, L)) * clamp(u, -L, L) in float32 (reference `Expert`)."""
     if limit > 0:
         u = jnp.clip(u, -limit, limit)
         g = jnp.minimum(g, limit)
@@ -80,7 +80,7 @@ def _ffn(xq, cw, linear, prec: Precision, limit: float) -> jnp.ndarray:
     `linear(a, i)` applies w1 (i=0), w2 (1) or w3 (2) and rounds to the activation dtype."""
     g = linear(xq, 0)
     u = linear(xq, 2)
-    h = prec.round(cw[..., None] * swiglu(g, u, limit))  # weight before w2 (spec 11.17)
+    h = prec.round(cw[..., None] * swiglu(g, u, limit))  # weight before w2 (reference `Expert`)
     h = fp8_quant_dequant(h, 128) if prec.simulate_quant else h
     return linear(h, 1)
 

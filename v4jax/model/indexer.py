@@ -1,4 +1,4 @@
-"""Lightning indexer of CSA layers (spec 3.5): picks the top-k compressed entries per query.
+"""Lightning indexer of CSA layers (reference `Indexer`): the top-k compressed entries per query.
 
 Queries come from the attention's query latent (`c_q`), keys from the indexer's own ratio-4
 compressor (Hadamard-rotated, FP4-simulated in the reference numerics). Score
@@ -73,8 +73,8 @@ class Indexer(nnx.Module):
 
 
 def indexer_kl(target: jnp.ndarray, logits: jnp.ndarray, valid: jnp.ndarray):
-    """sum_t KL(p_t || softmax(logits_t)) over a per-query entry set (training-and-serving.md
-    A.6): target [..., K] non-negative attention mass (p_t = target / sum), logits [..., K]
+    """sum_t KL(p_t || softmax(logits_t)) over a per-query entry set (V3.2 report §2.1.1):
+    target [..., K] non-negative attention mass (p_t = target / sum), logits [..., K]
     index scores, valid [..., K] the set. Returns (KL summed over the queries whose set holds
     mass, number of those queries), in the inputs' float dtype."""
     target = jnp.where(valid, target, 0.0)

@@ -77,7 +77,7 @@ def act_einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray, prec: Precision) -> jn
 
 
 class RMSNorm(nnx.Module):
-    """Weighted RMSNorm computed in float32, output in the activation dtype (spec 11.20)."""
+    """Weighted RMSNorm computed in float32, output in the activation dtype (as the reference)."""
 
     def __init__(self, dim: int, eps: float, prec: Precision, axis: str | None = "embed"):
         self.weight = param((dim,), jnp.bfloat16, (axis,))
@@ -94,7 +94,8 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray | None, eps: float) -> jnp.ndar
 
 
 # ---------------------------------------------------------------------------------------------
-# RoPE (spec 3.2): interleaved pairs on the LAST rope dims; per-layer base; YaRN on r > 0 layers.
+# RoPE (reference `precompute_freqs_cis`, `apply_rotary_emb`): interleaved pairs on the LAST
+# rope dims; per-layer base; YaRN on r > 0 layers.
 
 
 def rope_freqs(cfg: ModelConfig, ratio: int) -> np.ndarray:
@@ -140,7 +141,7 @@ def rope(x: jnp.ndarray, pos: jnp.ndarray, freqs, *, inverse: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Linears in release formats (spec 7.1, 11.14, 11.15)
+# Linears in release formats (reference `Linear` and the FP8 / FP4 GEMMs of its kernel.py)
 
 
 class Linear(nnx.Module):

@@ -1,4 +1,4 @@
-"""mHC: manifold-constrained hyper-connections over N residual streams (spec section 4).
+"""mHC: manifold-constrained hyper-connections over N residual streams (V4 report §2.2).
 
 Streams X [B, S, N, D] are stored in the activation dtype between sub-blocks. Each site computes
 its mixing coefficients in float32 from the flattened streams: pre weights (sigmoid + eps),
@@ -24,7 +24,8 @@ def _mixes(x: jnp.ndarray, fn: jnp.ndarray, norm_eps: float) -> jnp.ndarray:
 
 
 def sinkhorn_split(mixes, scale, base, n: int, iters: int, eps: float):
-    """mixes [..., (2+n)n] -> pre [..., n], post [..., n], comb [..., n_in, n_out] (spec 4.5)."""
+    """mixes [..., (2+n)n] -> pre [..., n], post [..., n], comb [..., n_in, n_out] (kernel.py
+    `hc_split_sinkhorn_kernel`)."""
     pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + F32(eps)
     post = 2 * jax.nn.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
     logits = (mixes[..., 2 * n :] * scale[2] + base[2 * n :]).reshape(*mixes.shape[:-1], n, n)
@@ -68,7 +69,7 @@ class HyperConnection(nnx.Module):
 
 
 class HyperHead(nnx.Module):
-    """Final stream collapse (`hc_head`): sigmoid weights, no Sinkhorn (spec 4, 11.21)."""
+    """Final stream collapse (reference `ParallelHead.hc_head`): sigmoid weights, no Sinkhorn."""
 
     def __init__(self, cfg: ModelConfig, prec: Precision):
         n, d = cfg.hc_mult, cfg.dim

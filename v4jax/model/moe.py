@@ -1,4 +1,4 @@
-"""MoE (spec 5): sqrt-softplus router with a selection-only bias (or hash routing from
+"""MoE (reference `MoE`): sqrt-softplus router with a selection-only bias (or hash routing from
 `tid2eid`), renormalised top-k weights times `route_scale`, clamped SwiGLU experts in the
 release formats (routed: FP4 or FP8; shared: FP8), routed weight applied before `w2`.
 
@@ -65,8 +65,8 @@ class Router(nnx.Module):
     def balance_stats(scores: jnp.ndarray, top: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Affinities [B, S, E], picks [B, S, k] -> (tokens per expert [E], mean over sequences
         of sum_i f_i P_i []) with f_i = E / (k S) * (picks of i in the sequence) and P_i =
-        mean over the sequence of s_i / sum_j s_j (DeepSeek-V3 2.1.2; training-and-serving.md
-        A.4). f carries no gradient, P does (through the affinities)."""
+        mean over the sequence of s_i / sum_j s_j (V3 report §2.1.2, kept by
+        V4 report §2.1). f carries no gradient, P does (through the affinities)."""
         (_, s, e), k = scores.shape, top.shape[-1]
         hits = jnp.sum(jax.nn.one_hot(top, e, dtype=scores.dtype), axis=-2)  # [B, S, E]
         f = jnp.sum(hits, axis=1) * (e / (k * s))

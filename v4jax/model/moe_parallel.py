@@ -1,4 +1,4 @@
-"""Expert parallelism with all-to-all dispatch (spec 5 routing; training-and-serving.md C.2).
+"""Expert parallelism with all-to-all dispatch (`jax.lax.ragged_all_to_all`).
 
 When the active sharding rules split "experts" over mesh axes `ex` (`sharding/rules.py`), each
 of the n expert ranks holds E / n whole experts, and tokens travel to the ranks that hold their

@@ -1,4 +1,4 @@
-"""Rematerialisation policies for the training forward (training-and-serving.md A.9).
+"""Rematerialisation policies for the training forward (V4 report §3.5).
 
 The backward pass needs the forward's intermediate tensors. A policy chooses which of them are
 kept from the forward and which are recomputed from a block's input during the backward:

@@ -1,5 +1,5 @@
 """The V4 transformer: embedding -> N-stream expansion -> scanned block segments -> hc_head ->
-norm -> head, and the MTP block (spec 2, 4, 6.1).
+norm -> head, and the MTP block (reference `Transformer`, `MTPBlock`).
 
 Structurally identical layers are stacked (leading logical axis "layers") per segment of the
 layer plan and run with `nnx.scan`, so compile time does not grow with depth.
@@ -67,7 +67,7 @@ def _run_stack_train(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray, indexer: str,
 
 
 class Head(nnx.Module):
-    """hc_head collapse -> norm -> float32 head (spec 11.21); weights shared with the MTP."""
+    """hc_head collapse -> norm -> float32 head (reference `ParallelHead`); shared with the MTP."""
 
     def __init__(self, cfg: ModelConfig):
         self.weight = param((cfg.vocab_size, cfg.dim), jnp.bfloat16, ("vocab", "embed"))
@@ -77,8 +77,8 @@ class Head(nnx.Module):
 
 
 class MTPBlock(nnx.Module):
-    """The multi-token-prediction block `mtp.0` (spec 6.1): an r = 0, non-hash block fed with
-    e_proj(enorm(embed(next ids))) + h_proj(hnorm(main streams))."""
+    """The multi-token-prediction block `mtp.0` (reference `MTPBlock`): an r = 0, non-hash block
+    fed with e_proj(enorm(embed(next ids))) + h_proj(hnorm(main streams))."""
 
     def __init__(self, cfg: ModelConfig, prec: Precision, kernels: str):
         d = cfg.dim

@@ -1,8 +1,8 @@
 """Release weight formats: FP8 e4m3 with E8M0 block scales, packed FP4 e2m1 with E8M0 scales.
 
-Spec: `v4-architecture.md` section 7.1. Dequantisation is exact in float32 (every product of an
-e4m3 / e2m1 value and a power of two is representable), so a dequantised weight equals the
-reference's bf16 / fp32 view of it.
+Spec: the reference's `Linear` and convert.py. Dequantisation is exact in float32 (every product
+of an e4m3 / e2m1 value and a power of two is representable), so a dequantised weight equals
+the reference's bf16 / fp32 view of it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Numerics modes (`DESIGN.md`, "numerics") as a small frozen policy held by every module.
+"""Numerics modes (README, "Numerics modes") as a small frozen policy held by every module.
 
 `Numerics.REFERENCE` reproduces the official inference kernels: FP8 activation quantisation in
 the FP8/FP4 linears, FP8 simulation of the KV nope dims, Hadamard + FP4 simulation in the

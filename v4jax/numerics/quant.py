@@ -1,4 +1,4 @@
-"""Quant-dequant simulations of the official kernels (`v4-architecture.md` section 11).
+"""Quant-dequant simulations of the official kernels (`inference/kernel.py`).
 
 All functions take and return float32 arrays and are exact emulations of the reference's
 `act_quant` / `fp4_act_quant` (power-of-two scales from the fp32 exponent-bit trick, e4m3

@@ -1,6 +1,6 @@
 """The release weight encodings, written once for the host (numpy) and for `jit` (jax).
 
-Spec: `v4-architecture.md` section 7.1. FP8: e4m3 [..., O, I] with one E8M0 scale per 128x128
+Spec: the release's convert.py. FP8: e4m3 [..., O, I] with one E8M0 scale per 128x128
 block, 2^ceil(log2(amax / 448)). FP4: e2m1 packed two per int8 (low nibble = even element,
 bit 3 = sign) [..., O, I/2], with one E8M0 scale per 32 inputs, 2^ceil(log2(amax / 6)). Both
 round to nearest even; an all-zero block gets the smallest scale 2^-127.

@@ -1,4 +1,4 @@
-"""Training and fine-tuning DeepSeek-V4 (layer 9 of DESIGN.md: a consumer of the public API).
+"""Training and fine-tuning DeepSeek-V4 (README, "Layout": a consumer of the public API).
 
     from v4jax import train
     tm = train.trainable(model)                             # float32 masters (qat=True: QAT)

@@ -7,7 +7,7 @@ Tokenization (`tokenizer_mode`): models whose vocabulary holds the official V4 t
 byte b -> id b + BYTE_OFFSET (= 2), which keeps BOS = 0 and EOS = 1 free; in byte mode the
 BOS / EOS marker strings map to 0 / 1 and every other character to its bytes.
 
-Documents and loss masks (`training-and-serving.md` A.3; V4 section 9 chat format):
+Documents and loss masks (V4 report §4.1; the official chat format):
 - text: BOS + tokens + EOS; every token after BOS is a target (pretraining);
 - chat: the official chat encoding (`v4jax.chat.render_messages`, `add_generation_prompt=False`);
   only the assistant turns are targets: the answer, its reasoning when kept (thinking mode, last

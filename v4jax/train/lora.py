@@ -1,11 +1,11 @@
-"""LoRA fine-tuning of a released V4 on its quantised base (training-and-serving.md E; LoRA:
-Hu et al. 2021, arXiv 2106.09685).
+"""LoRA fine-tuning of a released V4 on its quantised base (LoRA: Hu et al. 2021,
+arXiv 2106.09685).
 
-Why: LoRA is the most requested way to fine-tune V4 (E: the V4-Flash recipe adapts the
-attention's q_a / q_b / kv / o_b projections, r 16, alpha 32, and serves the adapter on the
-FP4 + FP8 base), while full fine-tuning holds float32 masters, gradients and moments for every
-parameter (A.9) and a Flash base dequantised to bf16 is ~500 GiB against ~160 in its release
-formats.
+Why: LoRA is the most requested way to fine-tune V4 (datawhalechina/self-llm PR #512: a
+V4-Flash recipe adapts the attention's q_a / q_b / kv / o_b projections, r 16, alpha 32, and
+serves the adapter on the FP4 + FP8 base), while full fine-tuning holds float32 masters,
+gradients and moments for every parameter (V4 report §3.4) and a Flash base dequantised to
+bf16 is ~500 GiB against ~160 in its release formats.
 
 How: a target `Linear` [O, I] gets A [R, I] (uniform +-1/sqrt(I), seeded, as PEFT's kaiming
 init) and B [O, R] (zero), and `Linear.__call__` computes y = base(x) + (alpha / R) (x A^T) B^T,
@@ -63,6 +63,7 @@ from v4jax.config import ModelConfig, layer_plan, to_dict
 from v4jax.model.layers import Linear
 from v4jax.model.transformer import Transformer
 from v4jax.numerics import Numerics, Precision
+from v4jax.numerics.checksum import checksum
 from v4jax.numerics.policy import jit as numerics_jit
 from v4jax.train import losses, optim
 from v4jax.train.model import _FORMATS, TrainModel, _flatten, _join, _unflatten, release_dequant
@@ -478,16 +479,8 @@ def fingerprint(lm: LoraModel) -> str:
     for path in _by_linear(lm.adapters):
         for leaf in ("weight", "scale"):
             if (a := base.get((*path, leaf))) is not None:
-                h.update(f"{_key(path)}.{leaf} {a.dtype}{a.shape} {int(_checksum(a))};".encode())
+                h.update(f"{_key(path)}.{leaf} {a.dtype}{a.shape} {int(checksum(a))};".encode())
     return h.hexdigest()
-
-
-@jax.jit
-def _checksum(a: jax.Array) -> jax.Array:
-    """sum_k byte_k * (2654435761 k + 1) mod 2^32 (uint32 arithmetic wraps: exact, any order)."""
-    b = jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(-1).astype(jnp.uint32)
-    k = jnp.arange(b.shape[0], dtype=jnp.uint32)
-    return jnp.sum(b * (k * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
 # ------------------------------------------------------------------------- accounting

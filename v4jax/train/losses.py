@@ -1,18 +1,19 @@
-"""The V4 training objective (training-and-serving.md A.4-A.6) and its gradient.
+"""The V4 training objective (V4 report §2.1, §4.2.2) and its gradient.
 
     loss = LM + mtp_weight * MTP + balance_weight * balance + indexer_weight * indexer KL
 
 - LM: mean next-token cross-entropy over the target tokens (`mask[:, t]` marks token t as a
   target of position t - 1; `mask[:, 0]` is ignored).
-- MTP (A.5): the MTP block reads the main model's final streams at i (computed once, shared
-  with the LM term) and the embedding of token i + 1, and predicts token i + 2 (a target when
-  tokens i + 1 and i + 2 both are: `mtp_mask`).
-- balance (A.4): sum over the non-hash MoE layers and the MTP block of the sequence-wise
-  term sum_i f_i P_i (`Router.stats`); alpha = `balance_weight` (1e-4 in V4).
-- indexer KL (A.6): KL(p || softmax(index scores)) per query of the CSA layers, averaged over
-  queries and layers, in the "dense" warm-up stage (attention over every visible entry, only
-  the indexer trained) or the "sparse" stage (KL over the picked top-k; the indexer reads
-  detached inputs, so it learns from the KL only and the rest of the model from the LM only).
+- MTP (V3 report §2.2): the MTP block reads the main model's final streams at i (computed once,
+  shared with the LM term) and the embedding of token i + 1, and predicts token i + 2 (a target
+  when tokens i + 1 and i + 2 both are: `mtp_mask`).
+- balance (V3 report §2.1.2): sum over the non-hash MoE layers and the MTP block of the
+  sequence-wise term sum_i f_i P_i (`Router.stats`); alpha = `balance_weight` (1e-4 in V4).
+- indexer KL (V3.2 report §2.1.1): KL(p || softmax(index scores)) per query of the CSA layers,
+  averaged over queries and layers, in the "dense" warm-up stage (attention over every visible
+  entry, only the indexer trained) or the "sparse" stage (KL over the picked top-k; the
+  indexer reads detached inputs, so it learns from the KL only and the rest of the model from
+  the LM only).
 
 The default `indexer_weight` is 0: no KL pass, the indexer gets no gradient (its top-k is
 discrete) and stays as released, which is what fine-tuning a released model wants; the KL pass
@@ -50,7 +51,7 @@ F32 = jnp.float32
 
 
 class IndexerStage(enum.Enum):
-    """How the lightning indexer is trained (A.6); used when `indexer_weight` > 0."""
+    """How the lightning indexer is trained (V3.2 report §2.1.1); for `indexer_weight` > 0."""
 
     DENSE = "dense"  # warm-up: dense attention, only the indexer trained (on the KL)
     SPARSE = "sparse"  # top-k attention, KL over the picked entries, indexer inputs detached
@@ -201,10 +202,10 @@ def indexer_mask(params: dict) -> dict:
 
 
 def update_router_bias(frozen: dict, counts: dict, rate: float = 1e-3) -> dict:
-    """Aux-loss-free balancing (A.4): every router with a bias (non-hash layers, MTP) gets
-    b_i += rate * sign(mean_j load_j - load_i) from `counts` (`metrics["expert_counts"]`,
-    summed over the step's batches). Hash-routed layers have no bias and are untouched.
-    Returns the new `frozen` tree."""
+    """Aux-loss-free balancing (V3 report §2.1.2): every router with a bias (non-hash layers,
+    MTP) gets b_i += rate * sign(mean_j load_j - load_i) from `counts`
+    (`metrics["expert_counts"]`, summed over the step's batches). Hash-routed layers have no
+    bias and are untouched. Returns the new `frozen` tree."""
     out = _map_with_path(lambda path, a: a, frozen)
     for key, load in counts.items():
         node = out

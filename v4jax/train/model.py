@@ -1,5 +1,5 @@
-"""The trainable form of a V4 model: float32 master weights, optional QAT (training-and-serving.md
-A.7, A.9; v4-architecture.md 7.1).
+"""The trainable form of a V4 model: float32 master weights, optional QAT (V4 report §3.4;
+release formats as the reference's convert.py).
 
 `trainable(model)` dequantises every FP8 / FP4 / bf16 release weight to its exact float32 value
 (FP4 [O, I/2] int8 -> [O, I]); those masters are the trained `params`. What no optimizer

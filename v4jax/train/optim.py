@@ -1,17 +1,17 @@
 """The V4 optimizer: Muon (hybrid 8+2 Newton-Schulz) for matrices, AdamW for the rest.
 
-training-and-serving.md A.1-A.3 (report §2.4 Algorithm 1, §4.2.2), B.1 (optax 0.2.8 traps).
+V4 report §2.4 (Algorithm 1) and §4.2.2; `optax.contrib.muon` (optax 0.2.8) for contrast.
 
-Per step: clip all gradients by global norm (1.0, V3's value; A.3 says V4 "follows V3"), then
-- Muon on every matrix (A.1): M_t = mu M_{t-1} + G_t (plain sum, mu 0.95); Nesterov input
+Per step: clip all gradients by global norm (1.0, V3's value; §4.2.2: V4 "follows V3"), then
+- Muon on every matrix (§2.4): M_t = mu M_{t-1} + G_t (plain sum, mu 0.95); Nesterov input
   mu M_t + G_t; divide by its Frobenius norm; 10 Newton-Schulz steps X <- aX + b(XX^T)X +
   c(XX^T)^2 X, 8 with (3.4445, -4.7750, 2.0315) then 2 with (2, -1.5, 0.5); times
-  0.18 sqrt(max(O, I)) so every update matrix has RMS 0.18, the AdamW scale (A.2).
+  0.18 sqrt(max(O, I)) so every update matrix has RMS 0.18, the AdamW scale (§2.4).
 - AdamW on embedding, head, RMSNorm weights, mHC static biases S and gating factors alpha, and
-  the few non-matrix parameters (A.1): b1 0.9, b2 0.95, eps 1e-20, no Nesterov (A.3).
+  the few non-matrix parameters (§2.4, §4.2.2): b1 0.9, b2 0.95, eps 1e-20, no Nesterov.
 - Decoupled weight decay W <- W (1 - lr wd), wd 0.1, for both groups, then -lr x update.
 
-Why our own Muon transform rather than `optax.contrib.muon` (B.1): its momentum is a
+Why our own Muon transform rather than `optax.contrib.muon`: its momentum is a
 bias-corrected EMA (V4's is a plain sum; equal only up to the first steps' correction factors),
 its Adam branch shares eps/Nesterov with Muon, the V4 rescale exists only as a private helper,
 and stacked tensors go to Adam unless a dimension-number tree is given. Here Muon always acts on
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# (a, b, c) per Newton-Schulz step: 8 fast steps, then 2 that converge to 1 (A.2).
+# (a, b, c) per Newton-Schulz step: 8 fast steps, then 2 that converge to 1 (§2.4).
 V4_NS_COEFFS: tuple[tuple[float, float, float], ...] = ((3.4445, -4.7750, 2.0315),) * 8 + (
     (2.0, -1.5, 0.5),
 ) * 2
@@ -51,7 +51,7 @@ class Kind(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """Every number of the V4 optimizer; defaults are the report's (A.2, A.3).
+    """Every number of the V4 optimizer; defaults are the report's (§2.4, §4.2.2).
 
     - `clip_norm`: global-norm gradient clipping before both groups (None: off).
     - `muon_momentum`, `muon_nesterov`: momentum mu and the Nesterov input mu M_t + G_t.
@@ -102,7 +102,7 @@ class OptimConfig:
 
 
 def newton_schulz(x: jax.Array, coeffs=V4_NS_COEFFS, *, eps: float = 1e-7, dtype=None):
-    """x [..., O, I] -> the orthogonalised [O, I] of each trailing matrix (A.2), x's dtype.
+    """x [..., O, I] -> the orthogonalised [O, I] of each trailing matrix (§2.4), x's dtype.
 
     One step per (a, b, c) row of `coeffs` on X / ||X||_F. A tall matrix is transposed first so
     the Gram matrix X X^T is the small [min, min] one; the iteration commutes with transposition.
@@ -125,7 +125,7 @@ def newton_schulz(x: jax.Array, coeffs=V4_NS_COEFFS, *, eps: float = 1e-7, dtype
 
 
 class MuonState(NamedTuple):
-    """Muon momentum M_t, one array per Muon leaf (plain sum of past gradients, A.2)."""
+    """Muon momentum M_t, one array per Muon leaf (plain sum of past gradients, §2.4)."""
 
     mu: Any
 
@@ -170,7 +170,7 @@ def add_decoupled_weight_decay(rates) -> optax.GradientTransformation:
     """updates + rate * params, `rates` a tree of Python floats shaped like the params.
 
     Placed before the LR scaling, so the step is W <- W (1 - lr rate) - lr u (decoupled decay
-    multiplied by the LR, A.2 step 5). Leaves with rate 0 are untouched.
+    multiplied by the LR, §2.4 Algorithm 1). Leaves with rate 0 are untouched.
     """
 
     def update(updates, state, params=None):
@@ -192,20 +192,20 @@ def _names(path) -> tuple[str, ...]:
 
 
 def _group(names: tuple[str, ...], ndim: int) -> tuple[str, bool]:
-    """(optimizer label, weight decay?) of one trainable parameter, from its path (A.1)."""
+    """(optimizer label, weight decay?) of one trainable parameter, from its path (§4.2.2)."""
     leaf, parent = names[-1], (names[-2] if len(names) > 1 else "")
     where = "/".join(names)
     if names[0] == "embed" or (parent == "head" and leaf == "weight"):
-        # Embedding and prediction head: AdamW (A.1). Real [V, D] matrices, so decayed like
-        # every other weight matrix (A.3 gives AdamW wd 0.1 without a mask; we exclude only
+        # Embedding and prediction head: AdamW (§4.2.2). Real [V, D] matrices, so decayed like
+        # every other weight matrix (§4.2.2 gives AdamW wd 0.1 without a mask; we exclude only
         # gains and biases, the usual practice).
         return ADAMW, True
     if leaf == "weight" and parent.endswith("norm"):
-        # RMSNorm gains (attn/ffn/q/kv/compressor/MTP e/h norms): AdamW (A.1); no decay, which
+        # RMSNorm gains (attn/ffn/q/kv/compressor/MTP e/h norms): AdamW (§4.2.2); no decay, which
         # would pull every gain towards 0 rather than towards the identity (1).
         return ADAMW, False
     if parent.startswith("hc") and leaf in ("base", "scale"):
-        # mHC static biases S and gating factors alpha (hc_attn, hc_ffn, hc_head): AdamW (A.1);
+        # mHC static biases S and gating factors alpha (hc_attn, hc_ffn, hc_head): AdamW (§2.4);
         # biases and gains, so no decay.
         return ADAMW, False
     if leaf in ("lora_a", "lora_b"):
@@ -219,7 +219,7 @@ def _group(names: tuple[str, ...], ndim: int) -> tuple[str, bool]:
         return ADAMW, False
     if leaf in ("weight", "fn", "w1", "w2", "w3"):
         # Linear maps [..., O, I]: attention, compressor and indexer projections, mHC W^pre/res/
-        # post (`fn`), router gate, shared and routed experts -> Muon (A.1), decayed (A.2).
+        # post (`fn`), router gate, shared and routed experts -> Muon (§2.4), decayed.
         if ndim < 2:
             raise ValueError(f"partition: {where} is a linear map but has rank {ndim} < 2")
         return MUON, True
@@ -227,7 +227,7 @@ def _group(names: tuple[str, ...], ndim: int) -> tuple[str, bool]:
 
 
 def partition(params) -> Any:
-    """Trainable-parameter tree -> same tree of "muon" | "adamw" labels (A.1), by name."""
+    """Trainable-parameter tree -> same tree of "muon" | "adamw" labels (§2.4, §4.2.2), by name."""
     return jax.tree_util.tree_map_with_path(
         lambda path, p: _group(_names(path), jnp.ndim(p))[0], params
     )

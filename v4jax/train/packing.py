@@ -1,6 +1,6 @@
 """Packing tokenized documents into fixed-length training rows, as a checkpointable grain dataset.
 
-V4 packs documents into training sequences (`training-and-serving.md` A.3, "documents packed,
+V4 packs documents into training sequences (V4 report §4.1, "documents packed,
 sample-level attention masking"). Here documents are concatenated into rows of S tokens in
 stream order (concat-then-split): a row is filled with whole documents, and the document that
 does not fit is split at the row end, its remainder starting the next row (so a document

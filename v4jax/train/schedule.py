@@ -1,9 +1,9 @@
 """The V4 learning-rate schedule: linear warm-up, constant peak, cosine decay to a tenth.
 
-training-and-serving.md A.3 (report §4.2.2): warm-up over 2000 steps to the peak (Flash 2.7e-4,
+V4 report §4.2.2: warm-up over 2000 steps to the peak (Flash 2.7e-4,
 Pro 2.0e-4), held constant for most of training, then cosine-decayed "near the end" to a tenth of
 the peak. The report does not give the step where the cosine starts, so `decay_start` is an
-explicit field. The MTP loss weight drops from 0.3 to 0.1 "from the start of LR decay" (A.3), so
+explicit field. The MTP loss weight drops from 0.3 to 0.1 "from the start of LR decay", so
 the schedule also answers `in_decay(step)` for the loss code.
 
 `LRSchedule` is a frozen dataclass that is also an optax schedule (`schedule(count) -> lr`): it
@@ -17,12 +17,12 @@ import math
 
 import jax.numpy as jnp
 
-FLASH_PEAK_LR = 2.7e-4  # V4-Flash peak LR (A.3)
-PRO_PEAK_LR = 2.0e-4  # V4-Pro peak LR (A.3)
-WARMUP_STEPS = 2000  # linear warm-up length, both models (A.3)
-FINAL_RATIO = 0.1  # cosine ends at a tenth of the peak: 2.7e-5 / 2.0e-5 (A.3)
-MTP_WEIGHT = 0.3  # MTP loss weight before LR decay (A.3)
-MTP_WEIGHT_DECAY_PHASE = 0.1  # MTP loss weight from the start of LR decay (A.3)
+FLASH_PEAK_LR = 2.7e-4  # V4-Flash peak LR (V4 report §4.2.2)
+PRO_PEAK_LR = 2.0e-4  # V4-Pro peak LR (V4 report §4.2.2)
+WARMUP_STEPS = 2000  # linear warm-up length, both models (V4 report §4.2.2)
+FINAL_RATIO = 0.1  # cosine ends at a tenth of the peak: 2.7e-5 / 2.0e-5 (V4 report §4.2.2)
+MTP_WEIGHT = 0.3  # MTP loss weight before LR decay (V4 report §4.2.2)
+MTP_WEIGHT_DECAY_PHASE = 0.1  # MTP loss weight from the start of LR decay (V4 report §4.2.2)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -52,7 +52,7 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossWeights:
-    """Loss weights and the router-bias speed (V4 defaults, `training-and-serving.md` A.3-A.6).
+    """Loss weights and the router-bias speed (V4 defaults, V4 report §4.2.2).
 
     `mtp=None` follows the schedule: 0.3, then 0.1 from the start of learning-rate decay."""
 

@@ -1,4 +1,4 @@
-"""The sparse-attention op: window + compressed entries + sink, one softmax (spec section 3.1).
+"""The sparse-attention op: window + compressed entries + sink, one softmax (`sparse_attn_kernel`).
 
     sparse_attention(q, kv, idx, sink, *, scale, implementation="auto") -> [B, S, H, D]
 

@@ -8,7 +8,7 @@ rounds exactly where the reference (`reference.py`, `block=64`) does.
 The backward has no online softmax (it normalises with the forward's log-sum-exp), so its row
 block is a free tuning knob (`BackwardBlockSizes`).
 
-Notation (`v4-architecture.md` 3.1): H query heads, D head dim (512 in V4), K index-list entries
+Notation: H query heads, D head dim (512 in V4), K index-list entries
 per query token.
 """
 

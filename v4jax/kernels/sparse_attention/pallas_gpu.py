@@ -5,8 +5,8 @@ blocks: gathers the 64 K = V rows once (a masked pointer load: entries of -1 mov
 computes the [heads, 64] fp32 scores with the heads as the matrix M dimension (MQA: every head
 of the token reads the same rows), and folds them into an online softmax whose running max
 changes once per block, rounding the probabilities to the query dtype before the P.V product
-(fp32 accumulation), as the official `sparse_attn_kernel` does (`common.py`,
-`v4-architecture.md` 3.1). The sink enters the denominator only, at the end.
+(fp32 accumulation), as the official `sparse_attn_kernel` does (`common.py`;
+the reference's `kernel.py`). The sink enters the denominator only, at the end.
 
 Why Triton and not Mosaic GPU (both are Pallas GPU backends in jax 0.11/0.12):
 - The op is a row gather with a different index list per query. Triton expresses it as one

@@ -1,7 +1,7 @@
 """Pure-jnp sparse MQA with an attention sink: the specification of the sparse-attention op.
 
 Every query token attends to an index set of rows of a shared K = V pool (its sliding window
-and its compressed entries; `v4-architecture.md` section 3.1 step 6). The rounding follows the
+and its compressed entries; reference `Attention.forward`). The rounding follows the
 official `sparse_attn_kernel`: scores in float32, an online softmax over 64-wide blocks of the
 index list whose running max excludes the sink, probabilities rounded to the query dtype
 before the P.V product, float32 row sums of the unrounded probabilities, and the sink adding

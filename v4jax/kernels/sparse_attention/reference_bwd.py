@@ -1,6 +1,6 @@
 """Pure-jnp backward of the sparse-attention op: the specification of its gradients.
 
-Per query token and head (`v4-architecture.md` 3.1; notation of `reference.py`), with s_j the
+Per query token and head (notation of `reference.py`), with s_j the
 scaled score of index entry j, v_j = k_j = kv[idx_j] (K = V) and L the forward's log-sum-exp
 over the valid entries and the sink:
 
