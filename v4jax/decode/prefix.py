@@ -141,7 +141,10 @@ def _lookup(pc: PrefixCache, keys: list[str], lay: _Layout, leaves, blk: int) ->
     recs = []
     for k in keys:
         rec = pc.get(k)
-        if rec is None or not lay.check(rec, leaves, blk):
+        if rec is not None and not lay.check(rec, leaves, blk):
+            pc.discard(k)
+            rec = None
+        if rec is None:
             break
         recs.append(rec)
     with_state = [i for i, r in enumerate(recs) if len(r) > len(lay.block)]

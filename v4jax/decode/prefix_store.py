@@ -179,6 +179,14 @@ class PrefixCache:
         if self.path is not None and self.disk_bytes > 0:
             self._write(key, blob, replace)
 
+    def discard(self, key: str) -> None:
+        """Removes a record found unusable (e.g. shapes of another model): counted as bad."""
+        self._stats["bad_records"] += 1
+        if key in self._ram:
+            self._ram_used -= self._ram.pop(key)[1]
+        if self.path is not None:
+            self._remove(self._file(key))
+
     def clear(self) -> None:
         """Drops every record (RAM, and this cache's files on disk)."""
         self._ram.clear()
