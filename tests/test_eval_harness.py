@@ -217,7 +217,8 @@ def test_generate_until_batches_and_cuts(model, monkeypatch, thinking):
     script = "why</think> four\n\nQ: next" if thinking else "four.\n\nQ: next"
     calls = []
 
-    def fake_generate(_model, prompts, *, max_new_tokens, sampling, eos_id, max_len):
+    def fake_generate(_model, prompts, *, max_new_tokens, sampling, eos_id, max_len, prefix_cache):
+        assert prefix_cache is None  # off unless model_args ask for it
         calls.append(([list(p) for p in prompts], max_new_tokens, sampling, eos_id, max_len))
         row = [*(b + 2 for b in script.encode()), 1, 0, 0]  # then EOS, then padding
         toks = np.array([row] * len(prompts), np.int32)
@@ -330,6 +331,26 @@ def test_generate_until_equals_generate(model, lm, tasks):
     want, _ = _plain_generation(model, prompts, [stop])
     _, samples = _evaluate(lm, tasks, "v4jax_tiny_gen", gen_kwargs={"until": [stop]})
     assert [s["resps"][0][0] for s in samples] == want and len(want[0]) < len(raw[0])
+
+
+@pytest.mark.slow  # compiles prefill chunks and a decode loop at a new length
+def test_generate_until_with_prefix_cache(model):
+    """`prefix_cache=ram`: prompts sharing a 200-byte preamble (few-shot examples) reuse its
+    first 128-token block from the second batch on, with the same text as without."""
+    from lm_eval.api.instance import Instance
+
+    sizes = dict(SIZES, max_length=272, buckets=256, batch_size=2)
+    kw = {"until": ["\n\n"], "max_gen_toks": 16, "do_sample": False}
+    pre = "".join(f"Q: {i}+{i}=?\nA: {2 * i}\n\n" for i in range(20))[:200]
+    ctx = [pre + f"Q: {q}\nA:" for q in ("red?", "blue?", "green?", "tea?")]
+    reqs = [Instance("generate_until", {}, (c, dict(kw)), i) for i, c in enumerate(ctx)]
+    plain = harness.V4JaxLM(pretrained=model, **sizes).generate_until(reqs, disable_tqdm=True)
+    lm = harness.V4JaxLM(pretrained=model, prefix_cache="ram", **sizes)
+    assert lm.generate_until(reqs, disable_tqdm=True) == plain
+    # a batch is one prompt (~215 tokens) + one filler row of 256 BOS (the bucket width,
+    # `generation_batches`); batch 1 stores the first 128-token block of both, and batches
+    # 2-4 hit both (one block each: a prompt's last token is always prefilled)
+    assert lm.stats["prefix_hit_tokens"] == 3 * 2 * 128
 
 
 @pytest.mark.slow  # a fresh process: imports, lm-eval's task index, a model compilation

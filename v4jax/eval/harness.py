@@ -11,7 +11,9 @@ loaded `v4jax.Model`), `numerics` (reference | bf16), `dtype` (bfloat16 | float3
 (`data:2xtensor:4`), `batch_size` (model_args win over lm-eval's `--batch_size`, default 1),
 `max_length` (longest model input; default min(2048, max_position_embeddings)),
 `max_gen_toks` (default 256), `buckets` (`64:256:1024`), `thinking` (chat prompts open the
-reasoning block; `</think>` ends it in the output), `tokenizer` (a tokenizer.json), `seed`.
+reasoning block; `</think>` ends it in the output), `tokenizer` (a tokenizer.json), `seed`,
+`prefix_cache` (`ram`, or a folder: `generate_until` prompts sharing few-shot examples skip
+their cached 128-token blocks, `v4jax.PrefixCache`; its counters join `stats`).
 
 Conventions (lm-eval's, on the official V4 encoding, `encoding_dsv4.py`):
 - tokens: a text is BOS + its tokens unless it already starts with the BOS string (chat
@@ -98,10 +100,15 @@ class V4JaxLM(TemplateLM):
         thinking: bool = False,
         tokenizer: str | None = None,
         seed: int = 0,
+        prefix_cache: str | None = None,
         device: str | None = None,  # lm-eval passes it; JAX_PLATFORMS picks the device
         max_batch_size: int | None = None,  # lm-eval passes it; batches are fixed here
     ):
         super().__init__()
+        self.prefix_cache = None
+        if prefix_cache not in (None, "", "none"):
+            where = None if prefix_cache == "ram" else str(prefix_cache)
+            self.prefix_cache = v4jax.PrefixCache(where)
         self.model = load_model(pretrained, numerics, dtype, mesh)
         cfg = self.model.config
         self._batch_size = batch_size_arg(batch_size)
@@ -308,6 +315,7 @@ class V4JaxLM(TemplateLM):
                 sampling=sampling,
                 eos_id=self.tok.eos_id,
                 max_len=self.max_length,
+                prefix_cache=self.prefix_cache,
             )
             for j, i in enumerate(rows):
                 ids = gen.tokens[j, : gen.lengths[j]].tolist()  # EOS (if any) is dropped
@@ -342,6 +350,10 @@ class V4JaxLM(TemplateLM):
             self.stats[f"{what}_requests"] += n
             self.stats[f"{what}_seconds"] += time.perf_counter() - t0
             self.stats["compilations"] += scoring._counts["compiles"] - c0
+            if self.prefix_cache is not None:
+                pcs = self.prefix_cache.stats()
+                for k in ("hit_tokens", "prefill_tokens"):
+                    self.stats[f"prefix_{k}"] = pcs[k]
 
 
 def main() -> None:
