@@ -22,8 +22,29 @@ Default model: the bundled checkpoint tests/data/v4-tiny-flash (reference numeri
 activations, as `v4jax.load` gives it). `--preset` builds random weights for a
 `v4jax.config` preset instead (the HF path then loads an exported copy from a temporary folder).
 
-Sections are entries of SECTIONS; `speculative` (MTP speculative decoding) and `prefix` (the
-prefix cache) are reserved names for later sections, each writing its own key of the JSON.
+Section `speculative` (issue 15 section 1; V3 report §5.4.3): MTP speculative
+decoding (`v4jax.generate(..., speculative="mtp", draft_tokens=k)`) against plain decoding of
+the same prompts, for every k in `--draft-tokens`, batch in `--batches` and temperature in
+`--temperatures` (0 = greedy):
+
+    .venv/bin/python scripts/bench_decode.py --section speculative --checkpoint DIR \
+        --numerics bf16 --dtype float32 [--draft-tokens 1,2,3] [--temperatures 0,1]
+        [--prompts-file FILE] [--prompt-len 64] [--steps 64]
+
+Prompts are real text: `--prompt-len`-token slices of `--prompts-file`, by default of the
+Python standard library modules that `scripts/train.py --data "$STDLIB/*.py"` holds out
+(`held_out_split` at its default fraction), tokenised as training tokenises
+(`v4jax.train.data.make_tokenizer`). EOS is ignored (every sequence makes `--steps` tokens).
+Only the decode phase is timed: plain = the `generate` while-loop from the prefilled cache,
+speculative = the verify-step while-loop from `speculative.start` (prefill, MTP prompt rows,
+first token); warm-up first (compile reported on its own), then `--reps` round-robin rounds
+(median). Reported per row: draft j's acceptance rate (verify steps that accepted >= j drafts
+/ verify steps, summed over sequences), mean accepted drafts, emitted tokens per verify step,
+both tok/s and their ratio, and, for greedy, whether the speculative tokens equal plain
+greedy's (`same`; near-tie flips in bf16 activations are reported, not hidden).
+
+Sections are entries of SECTIONS, each writing its own key of the JSON (merged into an existing
+file); `prefix` (the prefix cache) is a reserved name for a later section.
 """
 
 from __future__ import annotations
@@ -36,6 +57,7 @@ import os
 import platform
 import statistics
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -46,13 +68,18 @@ import numpy as np
 
 import v4jax
 from v4jax import config as v4config
+from v4jax.decode import speculative as spec
+from v4jax.decode.generate import _loop as plain_loop  # the while-loop `generate` runs
+from v4jax.decode.sampling import Sampling
 from v4jax.model import experts, layers
+from v4jax.train.data import load_corpus, make_tokenizer, tokenizer_mode
+from v4jax.train.packing import held_out_split
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "v4-tiny-flash"
 PATHS = ("new", "old", "hf")
 PRESETS = ("tiny", "small", "flash", "pro")
-RESERVED = ("speculative", "prefix")  # later sections (not implemented yet)
+RESERVED = ("prefix",)  # later sections (not implemented yet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +339,172 @@ def fastpath_setup(args, with_hf: bool) -> dict:
     return setup
 
 
-SECTIONS = {"fastpath": fastpath}
+# ---------------------------------------------------------------------------------------------
+# Section: speculative
+
+NO_EOS = -1  # no token equals it: every sequence makes exactly --steps tokens
+HELDOUT = 0.02  # scripts/train.py's default --heldout: its split of the stdlib files
+
+
+class BenchInputError(ValueError):
+    """Bad input found after parsing (printed in one line)."""
+
+
+def stdlib_heldout() -> list[str]:
+    """Paths of the stdlib top-level modules that train.py's held-out split keeps out of the
+    training of a model trained on `--data "$STDLIB/*.py"`."""
+    corpus = load_corpus(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))
+    _, held = held_out_split(len(corpus), HELDOUT)
+    return [corpus.files[corpus.file[i]] for i in held]
+
+
+def text_prompts(paths: list[str], tokenizer, batch: int, length: int):
+    """-> ([batch, length] ids, [(path, start token)]): evenly spaced slices of the tokenised
+    files long enough for one, prompt i from file i mod n (n such files)."""
+    docs = []
+    for path in paths:
+        ids = np.asarray(tokenizer.encode(Path(path).read_text(encoding="utf-8")), np.int32)
+        if len(ids) >= length:
+            docs.append((path, ids))
+    if not docs:
+        raise BenchInputError(f"no prompt text holds {length} tokens: lower --prompt-len")
+    per = -(-batch // len(docs))  # slices per file
+    rows, where = [], []
+    for i in range(batch):
+        path, ids = docs[i % len(docs)]
+        start = (i // len(docs) + 1) * (len(ids) - length) // (per + 1)
+        rows.append(ids[start : start + length])
+        where.append((path, start))
+    return np.stack(rows), where
+
+
+def plain_decode(model, tokens: np.ndarray, max_len: int, t: int, s: Sampling, out: dict):
+    """fn: the plain `generate` while-loop (t tokens) from the prefilled prompts."""
+    b, p = tokens.shape
+    lengths = jnp.full((b,), p, jnp.int32)
+    logits, cache = model.prefill(jnp.asarray(tokens), model.init_cache(b, max_len), lengths)
+
+    def run():
+        out["tokens"] = jax.block_until_ready(plain_loop(model, logits, cache, t, s, NO_EOS)[0])
+
+    return run
+
+
+def spec_decode(model, tokens: np.ndarray, max_len: int, t: int, s: Sampling, k: int, out):
+    """fn: the speculative verify-step while-loop from `speculative.start` (which prefills and
+    emits the first token; untimed)."""
+    b, p = tokens.shape
+    kw = dict(k=k, sampling=s, max_new=t)
+    lengths = np.full((b,), p, np.int32)
+    st0 = spec.start(model, tokens, lengths, model.init_cache(b, max_len), eos=NO_EOS, **kw)
+
+    def run():
+        out["state"] = jax.block_until_ready(spec.run(model, st0, **kw))
+
+    return run
+
+
+def speculative_case(args, model, tok, tokens: np.ndarray, temp: float) -> list[dict]:
+    """Rows of one (batch, temperature): plain and every k, timed calls interleaved."""
+    (b, p), t, ks = tokens.shape, args.steps, args.draft_tokens
+    s, max_len = Sampling(temperature=temp), p + t + max(ks)
+    outs = {"plain": {}} | {k: {} for k in ks}
+    fns = {"plain": plain_decode(model, tokens, max_len, t, s, outs["plain"])}
+    fns |= {k: spec_decode(model, tokens, max_len, t, s, k, outs[k]) for k in ks}
+    times = interleaved(fns, fns, args.reps)
+    first, med = times["plain"]
+    plain = dict(seconds=med, tokens_per_s=b * t / med, compile_s=max(first - med, 0.0))
+    ref = np.asarray(outs["plain"]["tokens"]) if temp == 0 else None
+    rows = [spec_row(outs[k]["state"], k, temp, times[k], plain, ref) for k in ks]
+    for k, row in zip(ks, rows, strict=True):  # what was drafted for: sequence 0's text
+        row["sample"] = _text(tok, np.asarray(outs[k]["state"].out[0]).tolist())
+    return rows
+
+
+def _text(tok, ids: list[int]) -> str | None:
+    try:
+        return tok.decode(ids)
+    except ValueError:  # ids the tokenizer lacks (a random model over bytes: ids >= 258)
+        return None
+
+
+def spec_row(st, k: int, temp: float, time: tuple, plain: dict, ref) -> dict:
+    """One table / JSON row from the final `SpecState` (summed over the sequences)."""
+    hist = np.asarray(st.accept_hist).sum(axis=0)  # [k+1]: verify steps that accepted 0..k
+    steps = int(np.asarray(st.verify_steps).sum())
+    b = st.n.shape[0]
+    emitted = int(np.asarray(st.n).sum()) - b  # by verify steps (the first token: prefill)
+    drafts = int(np.dot(np.arange(k + 1), hist))
+    first, med = time
+    row = dict(temperature=temp, batch=b, draft_tokens=k, accept_hist=hist.tolist())
+    row |= dict(
+        verify_steps=steps,
+        emitted=emitted,
+        drafts_emitted=int(np.asarray(st.accepted).sum()),
+        accept_rate=[float(hist[j:].sum() / steps) for j in range(1, k + 1)],
+        mean_accepted=drafts / steps,
+        tokens_per_step=emitted / steps,
+        cut_at_max_new=steps + drafts - emitted,  # accepted + bonus tokens past --steps
+        plain=plain,
+        spec=dict(seconds=med, tokens_per_s=emitted / med, compile_s=max(first - med, 0.0)),
+    )
+    row["spec_over_plain"] = row["spec"]["tokens_per_s"] / plain["tokens_per_s"]
+    if ref is not None:  # greedy: speculative tokens == plain greedy tokens?
+        diff = np.asarray(st.out) != ref
+        bad = diff.any(axis=1)
+        row |= dict(same=not bad.any(), mismatched_seqs=int(bad.sum()))
+        row["first_diff"] = int(np.argmax(diff, axis=1)[bad].min()) if bad.any() else None
+    return row
+
+
+def speculative(args) -> dict:
+    model, _ = load_jax(args)
+    if model.config.num_mtp_layers == 0:
+        raise BenchInputError("--section speculative needs a model with an MTP block")
+    files = [args.prompts_file] if args.prompts_file else stdlib_heldout()
+    tok = make_tokenizer(model.config.vocab_size)
+    tokens, where = text_prompts(files, tok, max(args.batches), args.prompt_len)
+    setup = fastpath_setup(args, False)
+    del setup["paths"], setup["old_path"]
+    setup |= dict(
+        draft_tokens=args.draft_tokens,
+        temperatures=args.temperatures,
+        prompts=[dict(file=f, start_token=i) for f, i in where],
+        prompts_held_out=not args.prompts_file,
+        tokenizer=tokenizer_mode(model.config.vocab_size).value,
+        timed="decode phase only (after prefill), EOS ignored",
+    )
+    result = dict(setup=setup, rows=[])
+    for temp in args.temperatures:
+        for b in args.batches:
+            print(f"  T={temp:g} B={b}: plain, k={args.draft_tokens} ...", end="", flush=True)
+            result["rows"] += speculative_case(args, model, tok, tokens[:b], temp)
+            print(" done", flush=True)
+            write_json(args, result)
+    print_spec_table(result["rows"], max(args.draft_tokens))
+    return result
+
+
+def print_spec_table(rows: list[dict], kmax: int) -> None:
+    acc = [f"acc@{j}" for j in range(1, kmax + 1)]
+    cols = ["temp", "B", "k", *acc, "drafts/step", "tok/step", "plain tok/s", "spec tok/s"]
+    cols += ["spec/plain", "compile plain/spec s", "same"]
+    wide = {"plain tok/s": 11, "spec tok/s": 10, "compile plain/spec s": 20}
+    print("\n" + " ".join(f"{c:>{wide.get(c, max(len(c), 5))}s}" for c in cols))
+    for r in rows:
+        rate = r["accept_rate"] + [None] * (kmax - r["draft_tokens"])
+        cells = [f"{r['temperature']:4g}", f"{r['batch']:5d}", f"{r['draft_tokens']:5d}"]
+        cells += [f"{a:5.3f}" if a is not None else f"{'-':>5s}" for a in rate]
+        cells += [f"{r['mean_accepted']:11.3f}", f"{r['tokens_per_step']:8.3f}"]
+        cells += [f"{r['plain']['tokens_per_s']:11.1f}", f"{r['spec']['tokens_per_s']:10.1f}"]
+        cells += [f"{r['spec_over_plain']:9.2f}x"]
+        cells += [f"{r['plain']['compile_s']:9.1f} / {r['spec']['compile_s']:<8.1f}"]
+        same = "-" if "same" not in r else ("yes" if r["same"] else f"NO ({r['mismatched_seqs']})")
+        print(" ".join(cells) + f" {same:>5s}")
+
+
+SECTIONS = {"fastpath": fastpath, "speculative": speculative}
+DEFAULT_PROMPT_LEN = {"fastpath": 256, "speculative": 64}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +529,16 @@ def _path_list(text: str) -> list[str]:
     return list(dict.fromkeys(vals))
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers >= 0")
+    return list(dict.fromkeys(vals))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -349,15 +551,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--paths", type=_path_list, default=list(PATHS), help="subset of new,old,hf")
     ap.add_argument("--batches", type=_int_list, default=[1, 4], help="e.g. 1,4")
-    ap.add_argument("--prompt-len", type=int, default=256, help="prefill tokens per sequence")
+    ap.add_argument(
+        "--prompt-len", type=int, help=f"prompt tokens per sequence {DEFAULT_PROMPT_LEN}"
+    )
     ap.add_argument("--steps", type=int, default=64, help="decode steps per sequence")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
-    ap.add_argument("--json", default="runs/bench_decode.json", help="output JSON path")
+    ap.add_argument("--json", default="runs/bench_decode.json", help="output JSON (merged)")
+    spec_args = ap.add_argument_group("speculative section")
+    spec_args.add_argument("--draft-tokens", type=_int_list, default=[1, 2, 3], help="e.g. 1,2,3")
+    spec_args.add_argument("--temperatures", type=_float_list, default=[0.0, 1.0], help="0: greedy")
+    spec_args.add_argument("--prompts-file", help="prompt text (default: held-out stdlib files)")
     args = ap.parse_args(argv)
     if args.section in RESERVED:
         ap.error(f"--section {args.section}: not implemented yet (reserved for a later section)")
     if args.section not in SECTIONS:
         ap.error(f"--section {args.section!r}: expected one of {list(SECTIONS)}")
+    if args.prompt_len is None:
+        args.prompt_len = DEFAULT_PROMPT_LEN[args.section]
+    if args.section == "speculative" and args.steps < 2:
+        ap.error(f"--steps {args.steps}: the speculative section needs >= 2 (verify steps)")
+    if args.prompts_file and not Path(args.prompts_file).is_file():
+        ap.error(f"--prompts-file {args.prompts_file}: no such file")
     for name in ("prompt_len", "steps", "reps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
@@ -369,7 +583,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def write_json(args, result: dict) -> None:
-    """Writes {meta, sections: {section: result}} to --json (rewritten as results come)."""
+    """Writes {meta, sections: {section: result}} to --json (rewritten as results come), keeping
+    the other sections of an existing file."""
     dev = jax.devices()[0]
     meta = dict(
         backend=jax.default_backend(),
@@ -379,8 +594,13 @@ def write_json(args, result: dict) -> None:
         cpus=os.cpu_count(),
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    sections = {}
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no or unreadable file
+        with open(args.json) as f:
+            sections = dict(json.load(f).get("sections", {}))
+    sections[args.section] = result
     with open(args.json, "w") as f:
-        json.dump({"meta": meta, "sections": {args.section: result}}, f, indent=1)
+        json.dump({"meta": meta, "sections": sections}, f, indent=1)
 
 
 def main(argv=None) -> int:
@@ -392,7 +612,7 @@ def main(argv=None) -> int:
     )
     try:
         result = SECTIONS[args.section](args)
-    except (v4jax.CheckpointError, v4jax.ConfigError) as e:
+    except (v4jax.CheckpointError, v4jax.ConfigError, BenchInputError) as e:
         print(f"bench_decode: {e}", file=sys.stderr)
         return 2
     write_json(args, result)
