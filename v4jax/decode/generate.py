@@ -188,7 +188,7 @@ def generate_stream(
     for i in range(max_new_tokens):
         tok = sample(logits, jax.random.fold_in(key0, i), sampling)
         yield int(tok[0])
-        if int(tok[0]) == eos:
+        if int(tok[0]) == eos or i == max_new_tokens - 1:
             return
         logits, cache = model.decode_step(tok, cache)
 

@@ -108,15 +108,18 @@ class _Layout:
 
     pos: int  # index of DecodeCache.pos
     block: list[tuple[int, int]]  # (leaf index, ratio): entries / indexer keys, by position
-    state: list[int]  # window rings and compressor states, whole per sequence
+    # window rings (rows None: whole) and compressor states (rows: the leading rows that are
+    # present at a block end, (kept blocks - 1) x r: 4 for the overlapping r = 4, 0 for
+    # r = 128; the other rows are absent, as in a fresh cache)
+    state: list[tuple[int, int | None]]
 
     def check(self, rec: list[np.ndarray], leaves, blk: int) -> bool:
         """Shapes and dtypes of a record against this cache (False: foreign record)."""
         want = [(leaves[i].shape[:1] + (blk // r,) + leaves[i].shape[3:], leaves[i].dtype)
                 for i, r in self.block]  # fmt: skip
         if len(rec) == len(self.block) + len(self.state):
-            want += [(leaves[i].shape[:1] + leaves[i].shape[2:], leaves[i].dtype)
-                     for i in self.state]  # fmt: skip
+            want += [(leaves[i].shape[:1] + _rows(leaves[i].shape[2:], n), leaves[i].dtype)
+                     for i, n in self.state]  # fmt: skip
         elif len(rec) != len(self.block):
             return False
         return all(a.shape == s and a.dtype == d for a, (s, d) in zip(rec, want, strict=True))
@@ -131,9 +134,22 @@ def _layout(model, cache: DecodeCache) -> _Layout:
             pos = i
         elif names[3] in ("entries", "index_keys"):
             block.append((i, int(plan[names[1]].kinds[names[2]].attn)))
+        elif names[3] in ("compressor", "index_compressor"):
+            r = int(plan[names[1]].kinds[names[2]].attn)
+            state.append((i, r if r == 4 else 0))  # the r = 4 compressors overlap
         else:
-            state.append(i)
+            state.append((i, None))
     return _Layout(pos, block, state)
+
+
+def _rows(shape: tuple, n: int | None) -> tuple:
+    return shape if n is None else (n, *shape[1:])
+
+
+def _state(host: list[np.ndarray], lay: _Layout, b: int) -> list[np.ndarray]:
+    """Sequence b's decode state at a block end from the state leaves (host copies)."""
+    rows = [n for _, n in lay.state]
+    return [h[:, b] if n is None else h[:, b, :n] for h, n in zip(host, rows, strict=True)]
 
 
 def _lookup(pc: PrefixCache, keys: list[str], lay: _Layout, leaves, blk: int) -> list:
@@ -159,8 +175,8 @@ def _restore(cache: DecodeCache, found: list[list], lay: _Layout, blk: int) -> D
             for (i, r), a in zip(lay.block, rec, strict=False):
                 host[i][:, b, k * blk // r : (k + 1) * blk // r] = a
         if recs:
-            for i, a in zip(lay.state, recs[-1][len(lay.block) :], strict=True):
-                host[i][:, b] = a
+            for (i, _), a in zip(lay.state, recs[-1][len(lay.block) :], strict=True):
+                host[i][:, b, : a.shape[1]] = a
             host[lay.pos][b] = len(recs) * blk
     new = jax.tree.unflatten(tree, [jnp.asarray(h) for h in host])
     return dataclasses.replace(new, host_pos=host[lay.pos].astype(np.int32))
@@ -219,9 +235,10 @@ def _prefill_chunks(model, prompts, cache, start, stops, every, lay):
             next((s for s in st if s > p), n) for p, st, n in zip(pos, stops, lens, strict=True)
         ]
         n_b = [e - p for e, p in zip(ends, pos, strict=True)]
-        width = (
-            every if any(st and st[-1] > p for st, p in zip(stops, pos, strict=True)) else max(n_b)
-        )
+        # `every` while a sequence has a stop ahead, else the tails (< one block): padded to a
+        # power of two, so that a conversation's turns reuse a few compiled chunk widths
+        tail = not any(st and st[-1] > p for st, p in zip(stops, pos, strict=True))
+        width = min(every, max(16, 1 << (max(n_b) - 1).bit_length())) if tail else every
         tokens = np.zeros((b_n, width), np.int32)
         for b, (p, n) in enumerate(zip(pos, n_b, strict=True)):
             tokens[b, :n] = prompts[b][p : p + n]
@@ -232,9 +249,9 @@ def _prefill_chunks(model, prompts, cache, start, stops, every, lay):
         snap = [b for b in range(b_n) if n_b[b] and pos[b] in stops[b]]
         if snap:
             leaves = jax.tree.leaves(cache)
-            host = [np.asarray(leaves[i]) for i in lay.state]
+            host = [np.asarray(leaves[i]) for i, _ in lay.state]
             for b in snap:
-                states[(b, pos[b])] = [h[:, b] for h in host]
+                states[(b, pos[b])] = _state(host, lay, b)
     return logits, cache, states
 
 
