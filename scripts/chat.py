@@ -27,8 +27,6 @@ import pathlib
 import sys
 import time
 
-import jax
-
 import v4jax
 from v4jax import cli
 from v4jax.chat import render_messages
@@ -46,12 +44,6 @@ HELP = """commands:
   /save PATH        write the conversation as JSON messages (generate.py --messages reads it)
   /think on|off     thinking mode for the next turns (now: {mode})
   /quit             leave (Ctrl-D too); Ctrl-C stops a reply"""
-_COMPILE_EVENTS = (  # jax._src.dispatch: tracing, lowering to MLIR, XLA compilation
-    "/jax/core/compile/jaxpr_trace_duration",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    "/jax/core/compile/backend_compile_duration",
-)
-_compile_seconds = [0.0]
 
 
 def _parser() -> cli.Parser:
@@ -245,7 +237,7 @@ class Session:
             )
             return
         self.turns += 1
-        stats0, start = self.pc.stats(), (time.perf_counter(), _compile_seconds[0])
+        stats0, start = self.pc.stats(), (time.perf_counter(), cli.compile_seconds())
         printer, times = self._stream(ids, room)
         if printer.ids:
             self.messages += [convo[-1], assistant_message(printer.text(), self.thinking)]
@@ -266,7 +258,7 @@ class Session:
         )  # fmt: skip
         try:
             for token in stream:  # stops at EOS; `room` tokens at most (no step after those)
-                times.append((time.perf_counter(), _compile_seconds[0]))
+                times.append((time.perf_counter(), cli.compile_seconds()))
                 printer.add(token)
                 if len(printer.ids) == room:
                     break
@@ -337,17 +329,6 @@ def _report(turn: int, n: int, s0: dict, s1: dict, start, times) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _model(a):
-    if a.checkpoint == cli.TINY_RANDOM:
-        return v4jax.init(v4jax.config.tiny(), seed=a.seed, numerics=a.numerics, dtype=a.dtype)
-    return v4jax.load(a.checkpoint, numerics=a.numerics, dtype=a.dtype)
-
-
-def _on_duration(event: str, duration: float, **kwargs) -> None:
-    if event in _COMPILE_EVENTS:
-        _compile_seconds[0] += duration
-
-
 def repl(session: Session) -> None:
     """Reads lines until /quit or EOF; Ctrl-C at the prompt clears the line."""
     while True:
@@ -375,12 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         tok = check_inputs(ap, a)
         pc = v4jax.PrefixCache(a.prefix_cache)
         t0 = time.perf_counter()
-        model = _model(a)
+        model = cli.load_model(a.checkpoint, numerics=a.numerics, dtype=a.dtype, seed=a.seed)
     except (ValueError, TypeError, OSError, ImportError) as e:  # CheckpointError: ValueError
         return cli.report(e)
     except KeyboardInterrupt:
         return 130
-    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    cli.track_compile_time()
     sys.stdout.reconfigure(errors="replace")
     mode = "utf-8 bytes" if isinstance(tok, ByteTokenizer) else "deepseek-v4"
     print(

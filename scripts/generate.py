@@ -28,13 +28,6 @@ from v4jax import cli
 from v4jax.decode.sampling import sample
 from v4jax.tokenizer import load_tokenizer
 
-_COMPILE_EVENTS = (  # jax._src.dispatch: tracing, lowering to MLIR, XLA compilation
-    "/jax/core/compile/jaxpr_trace_duration",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    "/jax/core/compile/backend_compile_duration",
-)
-_compile_seconds = [0.0]
-
 
 def _parser() -> cli.Parser:
     ap = cli.Parser(description=__doc__.splitlines()[0])
@@ -177,17 +170,6 @@ def _conversation(ap: cli.Parser, a: argparse.Namespace) -> list[dict]:
     return [*head, {"role": "user", "content": a.chat}]
 
 
-def _model(a):
-    if a.checkpoint == cli.TINY_RANDOM:
-        return v4jax.init(v4jax.config.tiny(), seed=a.seed, numerics=a.numerics, dtype=a.dtype)
-    return v4jax.load(a.checkpoint, numerics=a.numerics, dtype=a.dtype)
-
-
-def _on_duration(event: str, duration: float, **kwargs) -> None:
-    if event in _COMPILE_EVENTS:
-        _compile_seconds[0] += duration
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
@@ -196,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         a.numerics = "bf16"  # float32 is only defined for the bf16 mode
     try:
         ids, max_len, tok = check_inputs(ap, a)
-        model = _model(a)
+        model = cli.load_model(a.checkpoint, numerics=a.numerics, dtype=a.dtype, seed=a.seed)
     except (ValueError, TypeError, OSError) as e:  # CheckpointError, ConfigError: ValueError
         return cli.report(e)
-    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    cli.track_compile_time()
     if a.speculative is not None:
         out = _generate_speculative(a, model, tok, ids)
     else:
@@ -222,12 +204,12 @@ def _print_parsed(tok, out: list[int], thinking: bool) -> None:
 def _generate(a, model, tok, ids: list[int], max_len: int) -> list[int]:
     s = v4jax.Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     cache = model.init_cache(1, max_len)
-    t0, c0 = time.perf_counter(), _compile_seconds[0]
+    t0, c0 = time.perf_counter(), cli.compile_seconds()
     logits, cache = model.prefill(np.asarray([ids]), cache)
     jax.block_until_ready(logits)
-    prefill_s, prefill_c = time.perf_counter() - t0, _compile_seconds[0] - c0
+    prefill_s, prefill_c = time.perf_counter() - t0, cli.compile_seconds() - c0
     key, out, steps = jax.random.key(a.seed), [], 0
-    t1, c1 = time.perf_counter(), _compile_seconds[0]
+    t1, c1 = time.perf_counter(), cli.compile_seconds()
     for i in range(a.max_new_tokens):
         nxt = sample(logits, jax.random.fold_in(key, i), s)
         out.append(int(nxt[0]))
@@ -237,7 +219,7 @@ def _generate(a, model, tok, ids: list[int], max_len: int) -> list[int]:
         logits, cache = model.decode_step(jnp.asarray(nxt), cache)
         steps += 1
     jax.block_until_ready(logits)
-    decode_s, decode_c = time.perf_counter() - t1, _compile_seconds[0] - c1
+    decode_s, decode_c = time.perf_counter() - t1, cli.compile_seconds() - c1
     print(
         f"\n\nprefill: {len(ids)} tokens in {prefill_s:.2f} s = compilation "
         f"{prefill_c:.2f} s + run {prefill_s - prefill_c:.2f} s "
@@ -258,7 +240,7 @@ def _generate_speculative(a, model, tok, ids: list[int]) -> list[int]:
     """`v4jax.generate(..., speculative="mtp")`: one compiled loop, printed when done."""
     s = v4jax.Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     k = a.draft_tokens or 1
-    t0, c0 = time.perf_counter(), _compile_seconds[0]
+    t0, c0 = time.perf_counter(), cli.compile_seconds()
     g = v4jax.generate(
         model,
         [ids],
@@ -267,7 +249,7 @@ def _generate_speculative(a, model, tok, ids: list[int]) -> list[int]:
         speculative="mtp",
         draft_tokens=k,
     )
-    seconds, compiled = time.perf_counter() - t0, _compile_seconds[0] - c0
+    seconds, compiled = time.perf_counter() - t0, cli.compile_seconds() - c0
     out = g.sequences()[0]
     print(tok.decode(out) if tok else " ".join(map(str, out)))
     steps, accepted = int(g.verify_steps[0]), int(g.accepted[0])

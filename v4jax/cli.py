@@ -11,7 +11,9 @@ measuring): exactly one `error: ...` line on stderr, no usage dump, no traceback
   computed for minutes are never lost to a missing folder at the end.
 - `report`: a library error (a bad checkpoint, config or data file) as one line, exit status 2.
 - `checkpoint_config`: a `--checkpoint`'s config, read without its weights, so that every size
-  can be checked against the model before it is loaded.
+  can be checked against the model before it is loaded; `load_model`: the model itself.
+- `track_compile_time` / `compile_seconds`: time spent compiling (tracing, lowering to MLIR,
+  XLA), from `jax.monitoring`, so that timings can report it apart.
 
 It imports nothing beyond the `v4jax` package itself, and sets up no jax device.
 """
@@ -22,6 +24,8 @@ import argparse
 import pathlib
 import sys
 from typing import NoReturn
+
+import jax
 
 from v4jax import config
 from v4jax.checkpoint import orbax_io
@@ -86,3 +90,37 @@ def checkpoint_config(path: str) -> config.ModelConfig:
         return orbax_io.read_config(path)
     except ValueError as e:  # CheckpointError, ConfigError
         raise ValueError(f"--checkpoint: {e}") from None
+
+
+def load_model(checkpoint: str, *, numerics: str, dtype: str, seed: int = 0):
+    """--checkpoint as a model: `TINY_RANDOM` (a random `config.tiny()`, `seed`) or a folder."""
+    import v4jax  # the package imports this module's users, not the other way round
+
+    if checkpoint == TINY_RANDOM:
+        return v4jax.init(config.tiny(), seed=seed, numerics=numerics, dtype=dtype)
+    return v4jax.load(checkpoint, numerics=numerics, dtype=dtype)
+
+
+_COMPILE_EVENTS = (  # jax._src.dispatch: tracing, lowering to MLIR, XLA compilation
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_seconds = [0.0, False]  # total, listener registered
+
+
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+def track_compile_time() -> None:
+    """Starts counting compilation seconds (once per process)."""
+    if not _compile_seconds[1]:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _compile_seconds[1] = True
+
+
+def compile_seconds() -> float:
+    """Seconds spent compiling since `track_compile_time`."""
+    return _compile_seconds[0]
