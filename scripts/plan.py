@@ -11,6 +11,17 @@ each layer's 128-slot window and compressor state), and whether it fits. Only th
 (prefill) program is compiled; the decode step's own temporaries are not planned here (its
 cache is the KV estimate above). Temporaries are those of the CPU compiler for a short prefill
 (`--batch` x `--seq`); a GPU compile schedules differently, so treat them as an estimate.
+
+    .venv/bin/python scripts/plan.py --train --model flash --mesh 'fsdp=8 x expert=8' \
+        --batch 8 --seq 4096 --remat block --hbm-gb 80 --json plan.json
+
+`--train` (issue 11 §5) compiles the whole train step instead (`v4jax.train.make_step`: forward,
+backward, optimizer, router-bias update; tokens [--accum, --batch, --seq]) for an abstract state:
+float32 masters placed by the TRAIN rules, optimizer moments sharded like their parameters
+(ZeRO). It prints per-device bytes of params, gradients (sharded as the params), optimizer
+state and frozen leaves, the compiled memory analysis (temporaries: activations and gradients
+in flight), collective bytes per step read from the compiled HLO (`sharding.train_plan`), and
+the verdict, "DOES NOT FIT: X GB over" when it does not.
 Flags are checked before jax sets up devices or anything is compiled: a bad one is one
 `error: ...` line, exit status 2.
 """
@@ -18,6 +29,7 @@ Flags are checked before jax sets up devices or anything is compiled: a bad one 
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import re
@@ -29,15 +41,21 @@ from v4jax import cli  # imports jax but sets up no device (see _fake_devices)
 
 def _parser() -> cli.Parser:
     p = cli.Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("flash", "pro"), default="flash")
+    p.add_argument("--model", choices=("flash", "pro", "small", "tiny"), default="flash")
     p.add_argument("--mesh", default="expert=8", help="e.g. 'expert=8', 'data=2 x expert=8'")
-    p.add_argument("--rules", choices=("decode", "train"), default="decode")
+    p.add_argument("--rules", choices=("decode", "train"), help="default: train with --train")
     p.add_argument("--numerics", choices=("reference", "bf16"), default="reference")
     p.add_argument("--context", type=int, default=131072, help="tokens per sequence (KV cache)")
     p.add_argument("--batch", type=int, default=1, help="sequences (compiled batch and cache)")
     p.add_argument("--seq", type=int, default=128, help="tokens of the compiled forward")
     p.add_argument("--hbm-gb", type=float, default=141.0, help="memory per device, GB (1e9 B)")
     p.add_argument("--reserve", type=float, default=0.08, help="fraction of HBM kept free")
+    t = p.add_argument_group("training step (--train)")
+    t.add_argument("--train", action="store_true", help="plan the whole train step instead")
+    t.add_argument("--optimizer", choices=("muon", "adamw"), help="default muon")
+    t.add_argument("--remat", help="none | block | tensors | save:NAME,... (default none)")
+    t.add_argument("--accum", type=int, help="micro-batches per step (default 1)")
+    t.add_argument("--json", help="write the plan's numbers to this file")
     return p
 
 
@@ -52,10 +70,39 @@ def check_flags(ap: cli.Parser, a: argparse.Namespace) -> dict[str, int]:
         ap.fail(f"--hbm-gb must be > 0, not {a.hbm_gb}")
     if not 0 <= a.reserve < 1:
         ap.fail(f"--reserve must be in [0, 1), not {a.reserve}")
+    _check_train_flags(ap, a)
     try:
         return parse_mesh_spec(a.mesh)
     except ValueError as e:
         ap.fail(f"--mesh: {e}")
+
+
+def _check_train_flags(ap: cli.Parser, a: argparse.Namespace) -> None:
+    """The --train flags: refused without --train, checked and defaulted with it."""
+    given = [f for f in ("optimizer", "remat", "accum", "json") if getattr(a, f) is not None]
+    if not a.train:
+        if given:
+            ap.fail(f"--{given[0]} plans a training step: add --train")
+        a.rules = a.rules or "decode"
+        return
+    from v4jax.model import remat as remat_policy
+
+    a.rules = a.rules or "train"
+    a.optimizer = a.optimizer or "muon"
+    a.remat = a.remat or "none"
+    a.accum = 1 if a.accum is None else a.accum
+    try:
+        remat_policy.check(a.remat)
+    except ValueError as e:
+        ap.fail(f"--remat: {e}")
+    if a.accum < 1:
+        ap.fail(f"--accum must be >= 1, not {a.accum}")
+    if a.seq < 2:
+        ap.fail(f"--seq must be >= 2 with --train (next-token targets), not {a.seq}")
+    if a.json is not None:
+        folder = os.path.dirname(os.path.abspath(a.json))
+        if not os.path.isdir(folder):
+            ap.fail(f"--json: folder {folder} does not exist")
 
 
 def _fake_devices(n: int) -> None:
@@ -107,11 +154,165 @@ def cpu_upcast_bytes(hlo_text: str) -> int:
     return total
 
 
+def abstract_train_state(cfg, mesh, rules, optimizer: str = "muon"):
+    """(TrainModel, abstract TrainState with NamedShardings, optimizer): float32 masters placed
+    as `trainable` places them (each with its release weight's PartitionSpec under `rules`),
+    optimizer moments sharded like their parameters (ZeRO), scalars replicated. No memory."""
+    import jax
+
+    import sharding
+    from sharding.train_plan import like_params
+    from v4jax.api import Model, _abstract, _precision
+    from v4jax.train import init_state, make_optimizer, trainable
+    from v4jax.train.schedule import LRSchedule
+
+    prec = _precision("reference", None)  # release formats; the train forward runs in bf16
+    graphdef, release = _abstract(cfg, prec, "auto")
+    specs = sharding.param_specs(release, mesh, rules)
+    tm = jax.eval_shape(lambda st: trainable(Model(cfg, prec, graphdef, st, "auto")), release)
+    sched = LRSchedule(peak=2.7e-4, warmup=1, decay_start=1, total=2)  # values: no bytes
+    opt = make_optimizer(tm.params, schedule=sched, kind=optimizer)
+    state = jax.eval_shape(lambda t: init_state(t, opt, copy=False), tm)
+    shardings = like_params(state, specs, mesh)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+    )
+    return tm.replace(mesh=mesh, rules=rules), state, (opt, sched)
+
+
+def plan_train(
+    cfg,
+    mesh,
+    rules,
+    *,
+    batch: int,
+    seq: int,
+    accum: int = 1,
+    optimizer: str = "muon",
+    remat: str = "none",
+) -> dict:
+    """Lowers and compiles the whole train step (`make_step`: forward, backward, optimizer,
+    router-bias update) for tokens [accum, batch, seq] on `mesh`; returns its numbers."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import sharding
+    from sharding.train_plan import collective_bytes, tree_bytes
+    from v4jax.numerics.policy import jit
+    from v4jax.train import LossWeights, make_step
+
+    mesh, rules = sharding.auto(mesh), sharding.rules_for(rules)
+    tm, state, (opt, sched) = abstract_train_state(cfg, mesh, rules, optimizer)
+    # make_step's program without its host-side placement: traced under the mesh's rules here
+    inner = make_step(tm.replace(mesh=None, rules=None), opt, sched, LossWeights(), remat=remat)
+
+    raw = inner.__wrapped__  # the step itself: jitted here with this plan's shardings
+
+    def step(state, tokens, mask):
+        with sharding.use_rules(mesh, rules):
+            return raw(state, tokens, mask)
+
+    shape = (accum, batch, seq)
+    spec = sharding.resolve((None, "batch", "length"), shape, dict(mesh.shape), rules.activations)
+    tok = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, spec))
+    state_sh = jax.tree.map(lambda a: a.sharding, state)
+    fn = jit(
+        step,
+        in_shardings=(state_sh, tok.sharding, tok.sharding),
+        out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+    t0 = time.perf_counter()
+    lowered = fn.lower(state, tok, tok)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    ma = compiled.memory_analysis()
+    coll, loops = collective_bytes(compiled.as_text())
+    params, opt_b = tree_bytes(state.params), tree_bytes(state.opt_state)
+    frozen = tree_bytes((state.frozen, state.step, state.rng))
+    mem = {
+        k: int(getattr(ma, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
+    return dict(
+        mesh=dict(mesh.shape),
+        rules=rules.name,
+        tokens=list(shape),
+        optimizer=optimizer,
+        remat=remat,
+        lower_s=t1 - t0,
+        compile_s=t2 - t1,
+        params=vars(params),
+        grads=vars(params),
+        opt_state=vars(opt_b),
+        frozen=vars(frozen),
+        memory=mem,
+        need=mem["argument"] + mem["output"] - mem["alias"] + mem["temp"],
+        collectives=coll,
+        while_loops=[list(x) for x in loops],
+    )
+
+
+def _main_train(a: argparse.Namespace) -> int:
+    import json
+
+    import sharding
+    import v4jax
+    from sharding.train_plan import verdict
+
+    cfg = getattr(v4jax.config, a.model)()
+    mesh = sharding.make_mesh(a.mesh)
+    r = plan_train(
+        cfg,
+        mesh,
+        a.rules,
+        batch=a.batch,
+        seq=a.seq,
+        accum=a.accum,
+        optimizer=a.optimizer,
+        remat=a.remat,
+    )
+    fits, over = verdict(r["need"], a.hbm_gb * 1e9, a.reserve)
+    r.update(model=a.model, hbm_gb=a.hbm_gb, reserve=a.reserve, fits=fits, over=over)
+    gb = lambda n: f"{n / 1e9:9.2f} GB"
+    pd = lambda k: f"{k:<26}{gb(r[k]['per_device'])}  (total {gb(r[k]['total']).strip()})"
+    m = r["memory"]
+    print(f"model {a.model}  mesh {r['mesh']}  rules {r['rules']}  optimizer {a.optimizer}")
+    print(f"compiled train step: tokens {r['tokens']} (micro-batches, batch, seq), remat {a.remat}")
+    print(f"lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s")
+    print("per device:")
+    for k in ("params", "grads", "opt_state", "frozen"):
+        print("  " + pd(k))
+    print(f"  compiled arguments        {gb(m['argument'])}")
+    print(f"  compiled outputs          {gb(m['output'])}  (aliased {gb(m['alias']).strip()})")
+    print(f"  temporaries               {gb(m['temp'])}  (activations + gradients in flight)")
+    print(f"  need (arg + out - alias + temp) {gb(r['need']).strip()} of {gb(a.hbm_gb * 1e9)}")
+    print("collectives per step per device (while bodies x trip count):")
+    for k, v in r["collectives"].items():
+        print(f"  {k:<24}{gb(v)}")
+    trips = collections.Counter(t for _, t in r["while_loops"])
+    print(f"  while loops by trip count: {dict(sorted(trips.items()))} (-1: unknown, counted once)")
+    budget = a.hbm_gb * 1e9 * (1 - a.reserve)
+    tail = f"(budget {gb(budget).strip()}: {a.reserve:.0%} of HBM kept free)"
+    if fits:
+        print(f"verdict: FITS {tail}")
+    else:
+        print(f"verdict: DOES NOT FIT: {over / 1e9:.2f} GB ({over / 2**30:.2f} GiB) over {tail}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
     sizes = check_flags(ap, a)
     _fake_devices(math.prod(sizes.values()))
+    if a.train:
+        return _main_train(a)
     import jax
     import jax.numpy as jnp
 
