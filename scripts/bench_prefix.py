@@ -1,7 +1,7 @@
 """Prefix cache: time to first token cold vs warm, and the bytes it stores (issue 15 §2).
 
     .venv/bin/python scripts/bench_prefix.py [--checkpoint DIR|tiny-random] [--prefix 4096]
-        [--suffix 32] [--reps 3] [--every 128,1024] [--json runs/bench_prefix.json]
+        [--suffix 32] [--reps 3] [--every 128,1024] [--compact] [--json runs/bench_prefix.json]
 
 One run, same weights, one request of `--prefix` shared tokens + `--suffix` new ones:
 - cold: `model.prefill` of the whole prompt on a fresh cache (what `generate` does without a
@@ -16,7 +16,8 @@ Each is timed after a warm-up call on other tokens (compilation excluded; the me
 (`window_every`: 128 = the state at every block, the report's full sliding-window caching;
 larger = periodic checkpoints) it reports bytes stored per token, split into compressed
 entries and decode state, and the same layout's bytes for `flash()` at 1M tokens (computed
-from the cache's shapes, no weights). Exactness: the warm first-token logits against cold
+from the cache's shapes, no weights; plain and compact: FP8 nope dims, `--compact` measures
+it on the model). Exactness: the warm first-token logits against cold
 (max abs difference: chunked vs one-shot prefill, bf16 rounding in reference numerics) and
 against the store run (the same chunking: must be 0), and whether the greedy first tokens
 agree.
@@ -56,6 +57,7 @@ def parse(argv):
     p.add_argument("--suffix", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--every", default="128,1024")
+    p.add_argument("--compact", action="store_true", help="PrefixCache(compact=True) records")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     for flag, v in (("--prefix", a.prefix), ("--suffix", a.suffix), ("--reps", a.reps)):
@@ -96,7 +98,16 @@ def first_token(model, prompt, max_len, pc=None):
     return logits, jnp.argmax(logits, -1)
 
 
-def record_bytes(cfg, every: int, tokens: int) -> dict:
+def _row_bytes(cfg, leaf, compact: bool) -> float:
+    """Bytes of one row of a cache leaf as stored; `compact` packs K = V rows (bf16, head_dim
+    wide) as FP8 nope dims + one exponent per 64 + bf16 rope dims (`prefix_pack`)."""
+    if compact and leaf.shape[-1] == cfg.head_dim and leaf.dtype == jnp.bfloat16:
+        nope = cfg.head_dim - cfg.rope_head_dim
+        return nope + nope // 64 + 2 * cfg.rope_head_dim
+    return leaf.shape[-1] * leaf.dtype.itemsize
+
+
+def record_bytes(cfg, every: int, tokens: int, compact: bool = False) -> dict:
     """Bytes a prefix of `tokens` takes in the store (one sequence): entries of every block,
     a decode state every `every` tokens, plus the file headers (~1 KiB per record)."""
     blk = block_size(cfg)
@@ -107,17 +118,12 @@ def record_bytes(cfg, every: int, tokens: int) -> dict:
         config = cfg
 
     lay = record_layout(_M, cache)
-    per_block = sum(
-        np.prod(leaves[i].shape) // leaves[i].shape[2] * blk // r * leaves[i].dtype.itemsize
-        for i, r in lay.block
-    )
-    state = sum(
-        np.prod(leaves[i].shape)
-        // leaves[i].shape[2]
-        * (leaves[i].shape[2] if n is None else n)
-        * leaves[i].dtype.itemsize
-        for i, n in lay.state
-    )
+
+    def rows(leaf, n):  # bytes of n rows of every layer (leaf [R, 1, rows, dim])
+        return leaf.shape[0] * n * _row_bytes(cfg, leaf, compact)
+
+    per_block = sum(rows(leaves[i], blk // r) for i, r in lay.block)
+    state = sum(rows(leaves[i], leaves[i].shape[2] if n is None else n) for i, n in lay.state)
     blocks = tokens // blk
     states = -(-tokens // every)
     return {
@@ -137,7 +143,7 @@ def run(a) -> dict:
     other = rng.integers(2, vocab, a.prefix).tolist()
     sfx = [rng.integers(2, vocab, a.suffix).tolist() for _ in range(a.reps + 3)]
     max_len = a.prefix + a.suffix
-    out = {"prefix": a.prefix, "suffix": a.suffix, "policies": {}}
+    out = {"prefix": a.prefix, "suffix": a.suffix, "compact": a.compact, "policies": {}}
     # cold: compile on `other`, then time
     first_token(model, other + sfx[0], max_len)
     t_cold, (cold_logits, cold_tok) = timed(
@@ -146,7 +152,7 @@ def run(a) -> dict:
     out["cold_s"] = t_cold
     for every in a.every:
         with tempfile.TemporaryDirectory() as d:
-            pc = v4jax.PrefixCache(d, window_every=every)
+            pc = v4jax.PrefixCache(d, window_every=every, compact=a.compact)
             first_token(model, other + sfx[1], max_len, pc)  # compile: store path
             first_token(model, other + sfx[2], max_len, pc)  # compile: hit path
             t0 = time.perf_counter()
@@ -162,7 +168,10 @@ def run(a) -> dict:
 
             def from_disk(pc_path=d, ev=every):
                 return first_token(
-                    model, prefix + sfx[0], max_len, v4jax.PrefixCache(pc_path, window_every=ev)
+                    model,
+                    prefix + sfx[0],
+                    max_len,
+                    v4jax.PrefixCache(pc_path, window_every=ev, compact=a.compact),
                 )
 
             t_disk, _ = timed(from_disk, a.reps)
@@ -183,6 +192,7 @@ def run(a) -> dict:
             "bytes_per_token_measured": s["stored_bytes"] / (2 * a.prefix),  # 2 prefixes
             "bytes_per_token_layout": stored["entries_per_token"] + stored["state_per_token"],
             "flash_1m": record_bytes(config.flash(), every, 1 << 20),
+            "flash_1m_compact": record_bytes(config.flash(), every, 1 << 20, compact=True),
         }
     out["platform"] = f"{platform.processor() or platform.machine()}, jax {jax.__version__}"
     return out

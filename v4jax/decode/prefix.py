@@ -48,6 +48,7 @@ import numpy as np
 
 from v4jax.config import layer_plan, to_dict
 from v4jax.decode.cache import DecodeCache
+from v4jax.decode.prefix_pack import pack, unpack
 from v4jax.decode.prefix_store import PrefixCache
 from v4jax.numerics.checksum import checksums
 
@@ -157,6 +158,7 @@ def _lookup(pc: PrefixCache, keys: list[str], lay: _Layout, leaves, blk: int) ->
     recs = []
     for k in keys:
         rec = pc.get(k)
+        rec = None if rec is None else unpack(rec)
         if rec is not None and not lay.check(rec, leaves, blk):
             pc.discard(k)
             rec = None
@@ -212,7 +214,8 @@ def prefill_cached(model, prompts: Sequence[Sequence[int]], cache: DecodeCache, 
         cache = _restore(cache, found, lay, blk)
     stops = [_stops(st, n // blk * blk, every) for st, n in zip(start, lens, strict=True)]
     logits, cache, states = _prefill_chunks(model, prompts, cache, start, stops, every, lay)
-    _store(pc, cache, keys, start, stops, states, lay, blk)
+    dims = (model.config.head_dim, model.config.rope_head_dim) if pc.compact else None
+    _store(pc, cache, keys, start, stops, states, lay, blk, dims)
     return logits, cache
 
 
@@ -255,7 +258,7 @@ def _prefill_chunks(model, prompts, cache, start, stops, every, lay):
     return logits, cache, states
 
 
-def _store(pc, cache, keys, start, stops, states, lay, blk):
+def _store(pc, cache, keys, start, stops, states, lay, blk, dims):
     """Writes each prompt's new complete blocks: entries always, the state where copied."""
     if not any(stops):
         return
@@ -266,6 +269,7 @@ def _store(pc, cache, keys, start, stops, states, lay, blk):
             rec = [host[i][:, b, k * blk // r : (k + 1) * blk // r] for i, r in lay.block]
             state = states.get((b, (k + 1) * blk))
             if state is not None:
-                pc.put(ks[k], rec + state, replace=True)
-            elif not pc.has(ks[k]):
-                pc.put(ks[k], rec)
+                rec = rec + state
+            elif pc.has(ks[k]):
+                continue
+            pc.put(ks[k], rec if dims is None else pack(rec, *dims), replace=state is not None)

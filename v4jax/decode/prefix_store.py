@@ -83,7 +83,9 @@ class PrefixCache:
     every `window_every` tokens and at the last complete block of every request; the
     compressed entries are stored for every block (`v4jax.decode.prefix` explains the
     policy). `block_tokens`: the hashed block length, a multiple of every compression ratio
-    (default: the smallest such multiple >= 128; 128 for the presets).
+    (default: the smallest such multiple >= 128; 128 for the presets). `compact`: store K = V
+    rows as FP8 nope dims + rope dims where that is lossless (reference numerics;
+    `v4jax.decode.prefix_pack`).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class PrefixCache:
         disk_bytes: int = 16 << 30,
         window_every: int | None = None,
         block_tokens: int | None = None,
+        compact: bool = False,
     ):
         for name, v in (("ram_bytes", ram_bytes), ("disk_bytes", disk_bytes)):
             if not isinstance(v, int) or v < 0:
@@ -104,6 +107,7 @@ class PrefixCache:
         self.path = None if path is None else os.fspath(path)
         self.ram_bytes, self.disk_bytes = ram_bytes, disk_bytes
         self.window_every, self.block_tokens = window_every, block_tokens
+        self.compact = bool(compact)
         self._ram: collections.OrderedDict[str, tuple[list[np.ndarray], int]] = (
             collections.OrderedDict()
         )
