@@ -71,12 +71,7 @@ def check_flags(ap: cli.Parser, a: argparse.Namespace) -> None:
         ap.fail(f"--max-new-tokens must be >= 1, not {a.max_new_tokens}")
     if a.max_len is not None and a.max_len < 2:
         ap.fail(f"--max-len must be >= 2, not {a.max_len}")
-    if a.temperature < 0:
-        ap.fail(f"--temperature must be >= 0, not {a.temperature}")
-    if a.top_k < 0:
-        ap.fail(f"--top-k must be >= 0 (0: off), not {a.top_k}")
-    if not 0 < a.top_p <= 1:
-        ap.fail(f"--top-p must be in (0, 1] (1: off), not {a.top_p}")
+    cli.check_sampling(a)
     if a.reasoning_effort is not None and not a.thinking:
         ap.fail("--reasoning-effort only applies with --thinking")
     if a.prefix_cache is not None and os.path.exists(a.prefix_cache):

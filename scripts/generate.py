@@ -63,12 +63,7 @@ def check_flags(ap: cli.Parser, a: argparse.Namespace) -> None:
     """The flags on their own (no file read); a refusal names the flag."""
     if a.max_new_tokens < 1:
         ap.fail(f"-n must be >= 1, not {a.max_new_tokens}")
-    if a.temperature < 0:
-        ap.fail(f"--temperature must be >= 0, not {a.temperature}")
-    if a.top_k < 0:
-        ap.fail(f"--top-k must be >= 0 (0: off), not {a.top_k}")
-    if not 0 < a.top_p <= 1:
-        ap.fail(f"--top-p must be in (0, 1] (1: off), not {a.top_p}")
+    cli.check_sampling(a)
     if a.max_len is not None and a.max_len < 1:
         ap.fail(f"--max-len must be >= 1, not {a.max_len}")
     if a.draft_tokens is not None and a.speculative is None:

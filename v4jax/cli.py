@@ -92,6 +92,16 @@ def checkpoint_config(path: str) -> config.ModelConfig:
         raise ValueError(f"--checkpoint: {e}") from None
 
 
+def check_sampling(a: argparse.Namespace) -> None:
+    """--temperature / --top-k / --top-p on their own (the vocabulary bound comes later)."""
+    if a.temperature < 0:
+        fail(f"--temperature must be >= 0, not {a.temperature}")
+    if a.top_k < 0:
+        fail(f"--top-k must be >= 0 (0: off), not {a.top_k}")
+    if not 0 < a.top_p <= 1:
+        fail(f"--top-p must be in (0, 1] (1: off), not {a.top_p}")
+
+
 def load_model(checkpoint: str, *, numerics: str, dtype: str, seed: int = 0):
     """--checkpoint as a model: `TINY_RANDOM` (a random `config.tiny()`, `seed`) or a folder."""
     import v4jax  # the package imports this module's users, not the other way round
