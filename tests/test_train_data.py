@@ -372,3 +372,13 @@ def test_errors_globs_and_directories(tmp_path):
     (tmp_path / "a.txt").write_text("a")
     with pytest.raises(DataError, match=r"leaves \d train and \d held-out"):
         _build(str(tmp_path / "a.txt"), held_out_fraction=0.5)
+
+
+def test_byte_decode_of_ids_that_are_no_byte():
+    # a model with a larger vocabulary (e.g. a tiny model with 1,024 ids) can emit any id:
+    # decoding shows U+FFFD there instead of raising, and keeps BOS / EOS and the bytes around
+    bt = ByteTokenizer()
+    ids = [bt.bos_id, *(b + 2 for b in "é".encode()), 300, bt.vocab_size, *(b + 2 for b in b"x")]
+    assert (
+        bt.decode([*ids, bt.eos_id]) == "<｜begin▁of▁sentence｜>é\ufffd\ufffdx<｜end▁of▁sentence｜>"
+    )

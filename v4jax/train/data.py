@@ -93,11 +93,13 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         out, run = [], bytearray()
         for i in (int(i) for i in ids):
-            if i >= BYTE_OFFSET:
+            if BYTE_OFFSET <= i < self.vocab_size:
                 run.append(i - BYTE_OFFSET)
                 continue
             out.append(run.decode("utf-8", errors="replace"))
-            out.append(BOS if i == self.bos_id else EOS)
+            # a model with a larger vocabulary may emit ids that are no byte: U+FFFD
+            special = {self.bos_id: BOS, self.eos_id: EOS}
+            out.append(special.get(i, "\ufffd"))
             run = bytearray()
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
