@@ -19,8 +19,6 @@ from v4jax.checkpoint.synthetic import large_config
 BUDGET_MB = 384
 
 
-
-
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys

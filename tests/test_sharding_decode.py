@@ -29,8 +29,9 @@ def test_sharded_prefill_decode_equals_unsharded(mesh):
     tokens = rng.integers(2, CFG.vocab_size, (2, 21)).astype(np.int32)
     lengths = np.array([21, 9], np.int32)
     plain = v4jax.init(CFG, seed=1, numerics="bf16", dtype=jnp.float32)
-    sharded = v4jax.init(CFG, seed=1, numerics="bf16", dtype=jnp.float32,
-                         mesh=sharding.make_mesh(mesh))
+    sharded = v4jax.init(
+        CFG, seed=1, numerics="bf16", dtype=jnp.float32, mesh=sharding.make_mesh(mesh)
+    )
     want = _run(plain, tokens, lengths, 6)
     got = _run(sharded, tokens, lengths, 6)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -176,7 +176,9 @@ def test_accumulation_equals_the_larger_batch(corpus, tmp_path):
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
     moved = 0
     leaves = zip(
-        jax.tree.leaves(tm.params), jax.tree.leaves(s1.params), jax.tree.leaves(s2.params),
+        jax.tree.leaves(tm.params),
+        jax.tree.leaves(s1.params),
+        jax.tree.leaves(s2.params),
         strict=True,
     )
     for p0, x, y in leaves:

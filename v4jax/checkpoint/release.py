@@ -172,8 +172,6 @@ def raise_problems(problems: list[str], folder) -> None:
     raise CheckpointError(head + "\n  ".join(problems))
 
 
-
-
 class ReleaseSource:
     """A validated release folder, read a block of rows at a time with `pread` (no memory map
     touched, so nothing accumulates in resident memory), in file order."""
