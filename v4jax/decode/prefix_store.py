@@ -119,6 +119,9 @@ class PrefixCache:
                 raise ValueError(f"prefix cache path {self.path} exists and is not a folder")
             os.makedirs(self.path, exist_ok=True)
             self._remove_stale_tmp()
+        # bytes on disk as this process last saw them plus what it wrote since: the folder is
+        # scanned (and the LRU files evicted) only when this exceeds the budget, not per write
+        self._disk_est = sum(s for _, s, _ in self._disk_files())
 
     # ---------------------------------------------------------------- statistics
 
@@ -228,7 +231,9 @@ class PrefixCache:
             self._stats["write_errors"] += 1
             self._remove(tmp)
             return
-        self._evict_disk()
+        self._disk_est += len(blob)
+        if self._disk_est > self.disk_bytes:
+            self._evict_disk()
 
     def _disk_files(self) -> list[tuple[str, int, float]]:
         if self.path is None:
@@ -253,6 +258,7 @@ class PrefixCache:
             self._remove(f)
             used -= s
             self._stats["evictions"] += 1
+        self._disk_est = used
 
     def _remove_stale_tmp(self) -> None:
         now = time.time()
