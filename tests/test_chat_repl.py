@@ -1,6 +1,6 @@
 """scripts/chat.py, the multi-turn REPL (issue 15, section 3), driven as a user drives it.
 
-The main test runs the script in a pseudo-terminal (`pty.fork`: the child's stdin, stdout and
+The main test runs the script in a pseudo-terminal (`pty.openpty`: the child's stdin, stdout and
 stderr are a terminal, with line editing and Ctrl-C as a user has them), types turns and
 commands and reads what comes back up to the next `you> ` prompt. The tiny random model writes
 gibberish, so the checks are about structure: a labelled reply arrives, the verbose line's
@@ -65,16 +65,29 @@ def _n_tokens(messages: list[dict], thinking: bool) -> int:
     return len(BYTES.encode(render_messages(messages, thinking).text))
 
 
+LAUNCH = (
+    "import os, sys; os.close(os.open(sys.argv[1], os.O_RDWR)); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+
+
 class Terminal:
     """A child process on a pseudo-terminal: type lines, read the screen up to a marker."""
 
     def __init__(self, argv: list[str], env: dict[str, str]):
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: exec at once (nothing else after a fork)
-            try:
-                os.execve(sys.executable, [sys.executable, *argv], env)
-            finally:
-                os._exit(127)
+        # No os.fork in this (multithreaded, JAX-holding) test process: subprocess starts the
+        # child from C. The launcher, a session leader, opens the terminal by name, which makes
+        # it the controlling terminal (so Ctrl-C reaches the REPL as SIGINT), then execs.
+        self.fd, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCH, os.ttyname(slave), *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+        )
+        os.close(slave)
         # a wide screen, so that readline never scrolls a long typed line
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 2000, 0, 0))
         self.pending, self.status = "", None
@@ -105,9 +118,8 @@ class Terminal:
     def wait(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.status = os.waitstatus_to_exitcode(status)
+            if self.proc.poll() is not None:
+                self.status = self.proc.returncode
                 return self.status
             try:  # drain, so that the child never blocks on a full terminal
                 if select.select([self.fd], [], [], 0.2)[0]:
@@ -117,9 +129,9 @@ class Terminal:
         raise AssertionError(f"the REPL did not exit within {timeout} s")
 
     def close(self) -> None:
-        if self.status is None and os.waitpid(self.pid, os.WNOHANG)[0] == 0:
-            os.kill(self.pid, 9)
-            os.waitpid(self.pid, 0)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         os.close(self.fd)
 
 
