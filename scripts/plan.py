@@ -205,7 +205,10 @@ def plan_train(
     mesh, rules = sharding.auto(mesh), sharding.rules_for(rules)
     tm, state, (opt, sched) = abstract_train_state(cfg, mesh, rules, optimizer)
     # make_step's program without its host-side placement: traced under the mesh's rules here
-    inner = make_step(tm.replace(mesh=None, rules=None), opt, sched, LossWeights(), remat=remat)
+    state_sh = jax.tree.map(lambda a: a.sharding, state)
+    inner = make_step(
+        tm.replace(mesh=None, rules=None), opt, sched, LossWeights(), remat=remat, shardings=state_sh
+    )
 
     raw = inner.__wrapped__  # the step itself: jitted here with this plan's shardings
 
@@ -216,7 +219,6 @@ def plan_train(
     shape = (accum, batch, seq)
     spec = sharding.resolve((None, "batch", "length"), shape, dict(mesh.shape), rules.activations)
     tok = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, spec))
-    state_sh = jax.tree.map(lambda a: a.sharding, state)
     fn = jit(
         step,
         in_shardings=(state_sh, tok.sharding, tok.sharding),

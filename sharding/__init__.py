@@ -25,6 +25,7 @@ from sharding.specs import (
     param_specs,
     resolve,
     state_shardings,
+    zero_fill,
 )
 
 __all__ = [
@@ -49,4 +50,5 @@ __all__ = [
     "rules_for",
     "state_shardings",
     "use_rules",
+    "zero_fill",
 ]

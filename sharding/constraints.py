@@ -24,9 +24,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.mesh import auto
 from sharding.rules import Rules, rules_for
-from sharding.specs import resolve
+from sharding.specs import resolve, zero_fill
 
-__all__ = ["active", "constrain", "mesh_axes", "shard_map", "use_rules"]
+__all__ = [
+    "active",
+    "constrain",
+    "mesh_axes",
+    "shard_map",
+    "use_rules",
+    "whole_matrices",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,3 +95,25 @@ def shard_map(f: Callable, *, in_specs, out_specs, check_vma: bool = False) -> C
     return jax.shard_map(
         f, mesh=ctx.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
     )
+
+
+def whole_matrices(x: jax.Array, layout: str = "owner") -> jax.Array:
+    """`x` [..., O, I], a stack of matrices about to go through a per-matrix computation
+    (Muon's Newton-Schulz), constrained so that every device holds whole matrices.
+
+    "owner" (hybrid ZeRO): the stack dims are split over the rules' `zero` axes that divide
+    them, so each device orthogonalises only the matrices it is assigned, locally; moving them
+    there from the ZeRO shards (and the results back) is an all-to-all of the device's own
+    share. "replicated": every device gets every matrix (the naive gather-all). "sharded": no
+    constraint (GSPMD runs each matmul on the ZeRO shards, with collectives in every step).
+    Identity without rules, or rules without `zero` axes."""
+    if layout not in ("owner", "replicated", "sharded"):
+        raise ValueError(f"layout={layout!r}: expected 'owner', 'replicated' or 'sharded'")
+    ctx = _ACTIVE.value
+    if ctx is None or not ctx.rules.zero or layout == "sharded" or x.ndim < 2:
+        return x
+    spec = PartitionSpec(*[None] * x.ndim)
+    if layout == "owner":
+        mats = frozenset((x.ndim - 2, x.ndim - 1))
+        spec = zero_fill(spec, x.shape, dict(ctx.mesh.shape), ctx.rules.zero, mats)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))

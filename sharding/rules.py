@@ -37,22 +37,31 @@ class Rules:
     name: str
     params: Mapping[str, Rule]
     activations: Mapping[str, Rule]
+    # ZeRO: after the table, each parameter is also split over each of these mesh axes that
+    # it does not use yet, on a dim that still divides (`specs.zero_fill`), so no mesh axis
+    # but the pure-replica `data` axis holds two copies of anything it could split.
+    zero: Rule = ()
 
     def __post_init__(self) -> None:
-        for table in (self.params, self.activations):
+        for table in (self.params, self.activations, {"zero": self.zero}):
             for logical, axes in table.items():
                 bad = [a for a in axes if a not in AXES]
                 if bad:
                     raise ValueError(f"{self.name} rule {logical!r}: unknown mesh axes {bad}")
 
     def __hash__(self) -> int:  # usable as a jit cache key
-        return hash((self.name, tuple(self.params.items()), tuple(self.activations.items())))
+        return hash(
+            (self.name, tuple(self.params.items()), tuple(self.activations.items()), self.zero)
+        )
 
 
 # Training / fine-tuning: FSDP + expert parallelism + tensor parallelism, batch over every
 # data-like axis (expert ranks are data-parallel outside the MoE, as in DeepSeek's DP attention).
+# The table places each weight for its matmul; `zero` then splits what the table left whole over
+# the remaining model axes (e.g. wq_b's q_lora dim over fsdp and expert: ZeRO-3, gathered per use).
 TRAIN = Rules(
     name="TRAIN",
+    zero=("fsdp", "expert", "tensor"),
     params={
         "layers": (),  # the scanned stack: every rank holds its slice of every layer
         "vocab": ("tensor",),  # embedding / head rows, tid2eid rows

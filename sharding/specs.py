@@ -28,6 +28,7 @@ __all__ = [
     "param_specs",
     "resolve",
     "state_shardings",
+    "zero_fill",
 ]
 
 Path = tuple
@@ -65,6 +66,33 @@ def resolve(
     return PartitionSpec(*out)
 
 
+def zero_fill(
+    spec: PartitionSpec,
+    shape: tuple[int, ...],
+    mesh_shape: Mapping[str, int],
+    zero: tuple[str, ...],
+    skip: frozenset[int] | set[int] = frozenset(),
+) -> PartitionSpec:
+    """`spec` further split over each axis of `zero` (size > 1) it does not use yet: the axis
+    goes to the dim with the largest shard that it still divides, never a dim in `skip`
+    (parameters: the "layers" dim, as each rank runs every layer of the scanned stack). An axis
+    no dim can take is left out."""
+    parts = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
+    parts += [()] * (len(shape) - len(parts))
+    used = {a for p in parts for a in p}
+    for a in zero:
+        k = mesh_shape.get(a, 1)
+        if k <= 1 or a in used:
+            continue
+        split = [math.prod(mesh_shape[x] for x in p) for p in parts]
+        fits = [i for i, n in enumerate(shape) if i not in skip and n % (split[i] * k) == 0]
+        if fits:
+            i = max(fits, key=lambda j: (shape[j] // split[j], -j))
+            parts[i] += (a,)
+            used.add(a)
+    return PartitionSpec(*(None if not p else p[0] if len(p) == 1 else p for p in parts))
+
+
 def logical_axes(state: nnx.State) -> dict[Path, tuple[str | None, ...]]:
     """Path -> logical names of each dim (None for an unannotated dim or leaf)."""
     specs = nnx.to_flat_state(nnx.get_partition_spec(state))
@@ -97,11 +125,14 @@ def param_specs(state: nnx.State, mesh: Mesh, rules: Rules | str) -> dict[Path, 
     """Path -> PartitionSpec of every parameter (checks the rules cover every logical axis)."""
     rules = rules_for(rules)
     check_rules(state, rules)
-    shapes = _shapes(state)
-    return {
-        p: resolve(axes, shapes[p].shape, dict(mesh.shape), rules.params)
-        for p, axes in logical_axes(state).items()
-    }
+    shapes, mesh_shape = _shapes(state), dict(mesh.shape)
+    out = {}
+    for p, axes in logical_axes(state).items():
+        shape = shapes[p].shape
+        spec = resolve(axes, shape, mesh_shape, rules.params)
+        layers = frozenset(i for i, name in enumerate(axes) if name == "layers")
+        out[p] = zero_fill(spec, shape, mesh_shape, rules.zero, layers) if rules.zero else spec
+    return out
 
 
 def _replace_leaves(state: nnx.State, values: Mapping[Path, object]) -> nnx.State:

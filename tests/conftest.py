@@ -36,3 +36,19 @@ def smooth_model():
     import v4jax
 
     return v4jax.load(FIXTURE, numerics="bf16", progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module: drop jax's compiled-program caches. Each XLA CPU executable
+    keeps ~3 memory mappings; a test worker that compiles ~20,000 programs (a whole run on 2
+    workers: many eager ops of many shapes) reaches the kernel's limit of 65,530 mappings
+    (`vm.max_map_count`), and the next compile crashes the worker (segfault in the CPU
+    compiler; seen in CI). Programs shared between modules are simply compiled again."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sharding import constraints
+
 # (a, b, c) per Newton-Schulz step: 8 fast steps, then 2 that converge to 1 (§2.4).
 V4_NS_COEFFS: tuple[tuple[float, float, float], ...] = ((3.4445, -4.7750, 2.0315),) * 8 + (
     (2.0, -1.5, 0.5),
@@ -63,6 +65,10 @@ class OptimConfig:
     - `mu_dtype`: dtype of the Muon momentum and Adam first moment (None: the gradient's).
     - `ns_dtype`: dtype of the Newton-Schulz matmuls (None: the gradient's; V4 uses bfloat16,
       §3.5.1); the Frobenius normalisation is always float32.
+    - `muon_layout`: where Newton-Schulz runs on a mesh (`sharding.constraints.whole_matrices`):
+      "owner" (hybrid ZeRO, §3.5.1: each device orthogonalises the whole matrices and experts
+      it is assigned), "replicated" (every device every matrix: the naive gather-all) or
+      "sharded" (GSPMD matmuls on the ZeRO shards). Same values; different collectives.
     """
 
     clip_norm: float | None = 1.0
@@ -79,8 +85,14 @@ class OptimConfig:
     adam_weight_decay: float = 0.1
     mu_dtype: Any = None
     ns_dtype: Any = None
+    muon_layout: str = "owner"
 
     def __post_init__(self):
+        if self.muon_layout not in ("owner", "replicated", "sharded"):
+            raise ValueError(
+                "OptimConfig: muon_layout must be 'owner', 'replicated' or 'sharded', "
+                f"got {self.muon_layout!r}"
+            )
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"OptimConfig: clip_norm must be > 0 or None, got {self.clip_norm}")
         for name in ("muon_momentum", "adam_b1", "adam_b2"):
@@ -139,11 +151,13 @@ def scale_by_muon(
     eps: float = 1e-7,
     mu_dtype=None,
     ns_dtype=None,
+    layout: str = "owner",
 ) -> optax.GradientTransformation:
     """V4 Algorithm 1 steps 2-4 on the last two axes of every leaf (rank >= 2 required).
 
     Returns the orthogonalised direction O_t = NS(mu M_t + G_t) * rms * sqrt(max(O, I)); weight
-    decay and -lr are applied by later transforms.
+    decay and -lr are applied by later transforms. `layout`: see `OptimConfig.muon_layout`
+    (only acts when traced under a mesh's rules).
     """
 
     def init(params):
@@ -154,7 +168,9 @@ def scale_by_muon(
             raise ValueError(f"scale_by_muon: leaf of shape {g.shape} is not a matrix [..., O, I]")
         x = momentum * m + g if nesterov else m  # m is already M_t
         scale = rms * math.sqrt(max(g.shape[-2], g.shape[-1]))
-        return scale * newton_schulz(x, coeffs, eps=eps, dtype=ns_dtype)
+        x = constraints.whole_matrices(x, layout)  # on a mesh: whole matrices per device,
+        o = newton_schulz(x, coeffs, eps=eps, dtype=ns_dtype)  # orthogonalised there
+        return scale * constraints.whole_matrices(o, layout)
 
     def update(updates, state, params=None):
         del params
@@ -277,6 +293,7 @@ def make_optimizer(
             eps=cfg.muon_eps,
             mu_dtype=cfg.mu_dtype,
             ns_dtype=cfg.ns_dtype,
+            layout=cfg.muon_layout,
         ),
         ADAMW: optax.scale_by_adam(
             b1=cfg.adam_b1,

@@ -78,7 +78,13 @@ def init_state(
 
 
 def make_step(
-    tm: TrainModel, optimizer, schedule, weights: LossWeights = LossWeights(), *, remat="none"
+    tm: TrainModel,
+    optimizer,
+    schedule,
+    weights: LossWeights = LossWeights(),
+    *,
+    remat="none",
+    shardings=None,
 ):
     """A jitted `step(state, tokens [A, B, S], mask [A, B, S]) -> (state, metrics)`.
 
@@ -87,7 +93,13 @@ def make_step(
     MTP: `losses.mtp_mask`), its balance and indexer terms by 1 / A (they are means over
     sequences / queries), so the accumulated gradient is the gradient of the whole batch's
     objective. `remat`: the blocks' rematerialisation policy (`v4jax.model.remat`: "none",
-    "block", "tensors", "save:NAME,..."), which trades memory for recomputation."""
+    "block", "tensors", "save:NAME,..."), which trades memory for recomputation.
+
+    On a mesh the new state keeps the state's shardings, and the gradients (and their
+    accumulator over micro-batches) are constrained to the parameters' shardings: each device
+    reduces only its own shard (reduce-scatter, ZeRO-2) instead of all-reducing whole gradients.
+    `shardings` (a TrainState of NamedShardings) fixes them up front (ahead-of-time lowering);
+    by default they are the first state's."""
     remat_policy.check(remat)
     skeleton = tm.replace(params=None, frozen=None)
     use_mtp = weights.mtp is None or weights.mtp != 0
@@ -112,7 +124,12 @@ def make_step(
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    layout = {}  # on a mesh: the state's shardings, kept by every step
+    layout = {} if shardings is None else {"state": shardings}  # on a mesh: kept by every step
+
+    def like_params(tree):
+        if not layout:
+            return tree
+        return jax.tree.map(jax.lax.with_sharding_constraint, tree, layout["state"].params)
 
     def step(state: TrainState, tokens, mask):
         with tm.rules_context():
@@ -137,6 +154,7 @@ def make_step(
             (total, m), g = grad_fn(
                 state.params, state.frozen, tok, msk, (lm_s, mtp_s, rest_s, mtp_w)
             )
+            g = like_params(g)
             parts = {k: m[k] for k in ("lm", "mtp", "balance", "indexer_kl")}
             w = {"lm": lm_s, "mtp": mtp_s, "balance": rest_s, "indexer_kl": rest_s}
             parts = {k: v * w[k] for k, v in parts.items()}
@@ -154,7 +172,7 @@ def make_step(
         (_, m0), g0 = shapes
         zero = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
         parts0 = {k: jnp.zeros((), F32) for k in ("lm", "mtp", "balance", "indexer_kl")}
-        init = (jnp.zeros((), F32), zero(g0), parts0, zero(m0["expert_counts"]))
+        init = (jnp.zeros((), F32), like_params(zero(g0)), parts0, zero(m0["expert_counts"]))
         (loss, grads, parts, counts), _ = jax.lax.scan(body, init, (tokens, mask, *scales))
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
