@@ -12,9 +12,10 @@ the clip factor is the same for both runs up to the gradient norm, compared on i
 
 Tolerances: a mesh changes only reduction orders (the batch split over data ranks, partial
 sums over fsdp / tensor ranks, experts over expert ranks), so every value agrees to a few
-float32 roundings of its own size: the loss and the gradient norm to 1e-6 relative; each
-gradient (moment) leaf and each parameter's update (new - old, lr 1e-2) to 1e-6 of its largest
-entry; the router biases exactly (sign of load differences: integer token counts).
+float32 roundings: the loss and the gradient norm to 1e-6 relative; the gradients (moments)
+and the parameters' updates (new - old, lr 1e-2) to 1e-6 of the whole tree's norm and each
+leaf to 1e-4 of its largest entry (see `_close`); the router biases exactly (sign of load
+differences: integer token counts).
 """
 
 import jax
@@ -72,11 +73,26 @@ def plain():
     return tm, _run(tm, *_batch(cfg))
 
 
-def _close(name, got, want, rel):
-    err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    scale = float(np.max(np.abs(want))) if want.size else 0.0
-    assert err <= rel * scale, f"{name}: max error {err:.3g} > {rel:g} x {scale:.3g}"
-    return err / scale if scale else 0.0
+def _close(label, got: dict, want: dict) -> dict:
+    """Whole-tree and per-leaf agreement of two trees of arrays (same keys).
+
+    The whole tree to 1e-6 of its norm (the issue's bound); each leaf to 1e-4 of its own
+    largest entry: small leaves that sum many terms with cancellation (the mHC head bias's
+    gradient, terms ~100x the result) differ by ~3e-6 of their largest entry in float32 when
+    only the order of the sum changes, their Adam second moments (squares) by 2.5e-5 (measured
+    on data=2 x fsdp=4), while a wrongly sharded or unreduced leaf is off by O(1)."""
+    num = den = 0.0
+    worst = (0.0, "")
+    for k, w in want.items():
+        d = np.abs(got[k] - w)
+        num, den = num + float(np.sum(d * d)), den + float(np.sum(np.square(w)))
+        scale = float(np.max(np.abs(w))) if w.size else 0.0
+        rel = float(np.max(d)) / scale if scale else float(np.max(d, initial=0.0))
+        assert rel <= 1e-4, f"{label} {k}: max error {rel:.3g} of the leaf's largest entry"
+        worst = max(worst, (rel, k))
+    tree = (num / den) ** 0.5 if den else num**0.5
+    assert tree <= 1e-6, f"{label}: error {tree:.3g} of the tree's norm"
+    return {"tree": tree, "worst leaf": worst}
 
 
 @pytest.mark.slow
@@ -96,13 +112,12 @@ def _compare(tm0, state0, m0, state, m, label):
     for k in ("loss", "ce", "mtp", "balance", "grad_norm"):
         np.testing.assert_allclose(m[k], m0[k], rtol=1e-6, err_msg=k)
     flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}
-    worst = {"moments": 0.0, "updates": 0.0}
-    for k, v in flat(state.opt_state).items():  # Muon M_1 = clipped g; Adam m_1, v_1
-        worst["moments"] = max(worst["moments"], _close(k, v, flat(state0.opt_state)[k], 1e-6))
-    p0, new0, new = flat(tm0.params), flat(state0.params), flat(state.params)
-    for k in p0:
-        old = np.asarray(p0[k])
-        worst["updates"] = max(worst["updates"], _close(k, new[k] - old, new0[k] - old, 1e-6))
+    p0 = {k: np.asarray(v) for k, v in flat(tm0.params).items()}
+    delta = lambda s: {k: v - p0[k] for k, v in flat(s.params).items()}
+    worst = {  # Muon M_1 = clipped g; Adam m_1 = (1 - b1) clipped g, v_1
+        "moments": _close("moments", flat(state.opt_state), flat(state0.opt_state)),
+        "updates": _close("updates", delta(state), delta(state0)),
+    }
     for k, v in flat(state.frozen).items():
         np.testing.assert_array_equal(v, flat(state0.frozen)[k], err_msg=k)
     print(label, "worst error / scale:", worst)

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import sharding
 import v4jax
-from sharding.train_plan import tree_bytes
+from sharding.train_plan import _dict_suffix, tree_bytes
 from v4jax.api import _abstract, _precision
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -107,22 +107,13 @@ def test_train_state_per_device_falls_as_one_over_devices(optimizer):
             mesh = sharding.make_mesh(f"{axis}={n}", devices=jax.devices()[:n])
             _, state, _ = plan.abstract_train_state(cfg, mesh, sharding.TRAIN, optimizer)
             by_path = {
-                _param_path(k): a.sharding.spec
+                _dict_suffix(k): a.sharding.spec
                 for k, a in jax.tree_util.tree_leaves_with_path(state.params)
             }
             for k, a in jax.tree_util.tree_leaves_with_path(state.opt_state):
                 if a.ndim:  # a moment of the parameter at the same trailing path
-                    assert a.sharding.spec == by_path[_param_path(k)], jax.tree_util.keystr(k)
+                    assert a.sharding.spec == by_path[_dict_suffix(k)], jax.tree_util.keystr(k)
             b = tree_bytes(state)
             print(f"{axis}={n}: {b.per_device} bytes per device of {b.total}")
             assert b.per_device * n <= 1.001 * b.total
             assert b.per_device * n >= b.total
-
-
-def _param_path(key_path) -> tuple:
-    out = []
-    for k in reversed(key_path):
-        if not isinstance(k, jax.tree_util.DictKey):
-            break
-        out.append(k.key)
-    return tuple(reversed(out))
