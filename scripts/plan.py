@@ -206,9 +206,8 @@ def plan_train(
     tm, state, (opt, sched) = abstract_train_state(cfg, mesh, rules, optimizer)
     # make_step's program without its host-side placement: traced under the mesh's rules here
     state_sh = jax.tree.map(lambda a: a.sharding, state)
-    inner = make_step(
-        tm.replace(mesh=None, rules=None), opt, sched, LossWeights(), remat=remat, shardings=state_sh
-    )
+    bare = tm.replace(mesh=None, rules=None)
+    inner = make_step(bare, opt, sched, LossWeights(), remat=remat, shardings=state_sh)
 
     raw = inner.__wrapped__  # the step itself: jitted here with this plan's shardings
 
