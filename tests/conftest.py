@@ -38,6 +38,19 @@ def smooth_model():
     return v4jax.load(FIXTURE, numerics="bf16", progress=False)
 
 
+MAPS = pathlib.Path("/proc/self/maps")
+MAPS_LIMIT = 20_000  # a third of the kernel's default vm.max_map_count (65,530)
+
+
+def _release() -> None:
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """After each test module: drop jax's compiled-program caches. Each XLA CPU executable
@@ -46,9 +59,15 @@ def _release_compiled_programs():
     (`vm.max_map_count`), and the next compile crashes the worker (segfault in the CPU
     compiler; seen in CI). Programs shared between modules are simply compiled again."""
     yield
-    import gc
+    _release()
 
-    import jax
 
-    jax.clear_caches()
-    gc.collect()
+@pytest.fixture(autouse=True)
+def _release_before_the_mapping_limit():
+    """After any test, the same when this worker holds more than MAPS_LIMIT mappings (one
+    long module can compile that many programs on its own)."""
+    yield
+    if MAPS.exists():
+        with MAPS.open("rb") as f:
+            if sum(1 for _ in f) > MAPS_LIMIT:
+                _release()
