@@ -170,8 +170,10 @@ def test_two_processes_match_single_process(tmp_path):
 def test_two_process_train_step_matches_single_process(tmp_path):
     """One train step on fsdp=4 x expert=2 spanning both processes (each holds half of every
     parameter's shards and half of the batch) equals the unsharded step in this process: the
-    loss to 1e-6 relative, each parameter's update (new - old) to 1e-6 of its largest entry
-    (the tolerance of tests/test_train_mesh.py: only reduction orders differ)."""
+    loss to 1e-6 relative, each new parameter to 1e-6 of the leaf's largest entry and its
+    update (new - old) to 1e-3 of the update's (tests/test_train_mesh.py: only reduction orders
+    differ; measured: the embedding's update differs by one float32 rounding of the parameter,
+    1.2e-7 = 8.5e-6 of the update)."""
     import jax
     import jax.numpy as jnp
 
@@ -191,10 +193,12 @@ def test_two_process_train_step_matches_single_process(tmp_path):
     with np.load(out) as got:
         assert sorted(got) == sorted(want)
         np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
-        for k in before:
-            du, dw = got[k] - before[k], want[k] - before[k]
+        for k in before:  # new params to 1e-6 of the leaf's largest entry; the update itself
+            # (new - old, one float32 rounding of the parameter: ~1e-5 of it) to 1e-3
+            p, du, dw = np.abs(before[k]).max(), got[k] - before[k], want[k] - before[k]
             err, scale = np.abs(du - dw).max(), np.abs(dw).max()
-            assert err <= 1e-6 * scale, f"{k}: update error {err:.3g} > 1e-6 x {scale:.3g}"
+            assert err <= 1e-6 * p, f"{k}: parameter error {err:.3g} > 1e-6 x {p:.3g}"
+            assert err <= 1e-3 * scale, f"{k}: update error {err:.3g} > 1e-3 x {scale:.3g}"
 
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "WORKER":
