@@ -14,8 +14,8 @@ Tolerances: a mesh changes only reduction orders (the batch split over data rank
 sums over fsdp / tensor ranks, experts over expert ranks), so every value agrees to a few
 float32 roundings: the loss and the gradient norm to 1e-6 relative; the gradients (moments)
 to 1e-6 of the whole tree's norm and each leaf to 1e-4 of its largest entry (see `_close`);
-the new parameters to 1e-6 of each leaf's largest entry, their updates (lr 1e-2) to 1e-3 of
-the update's; the router biases exactly (sign of load differences: integer token counts).
+each parameter's update (lr 1e-2) to 1e-3 of its largest entry (Newton-Schulz
+amplification, see `_compare`); the router biases exactly (sign of load differences: integer token counts).
 """
 
 import jax
@@ -117,9 +117,7 @@ def _compare(tm0, state0, m0, state, m, label):
         "moments": _close("moments", flat(state.opt_state), flat(state0.opt_state)),
     }
     new, new0 = flat(state.params), flat(state0.params)
-    for k, p in p0.items():  # one step: new params to 1e-6 of the leaf's largest entry
-        err, size = float(np.max(np.abs(new[k] - new0[k]))), float(np.max(np.abs(p)))
-        assert err <= 1e-6 * size, f"params {k}: error {err:.3g} > 1e-6 x {size:.3g}"
+    for k, p in p0.items():  # one step: each parameter's update
         # the update itself (new - old carries one float32 rounding of the parameter, ~1e-5
         # of the update; Newton-Schulz maps tiny singular values to ~1 and amplifies their
         # rounding: measured 5.5e-4 of the leaf's max on an MTP expert) to 1e-3
