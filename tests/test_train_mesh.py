@@ -15,7 +15,8 @@ sums over fsdp / tensor ranks, experts over expert ranks), so every value agrees
 float32 roundings: the loss and the gradient norm to 1e-6 relative; the gradients (moments)
 to 1e-6 of the whole tree's norm and each leaf to 1e-4 of its largest entry (see `_close`);
 each parameter's update (lr 1e-2) to 1e-3 of its largest entry (Newton-Schulz
-amplification, see `_compare`); the router biases exactly (sign of load differences: integer token counts).
+amplification, see `_compare`; still fails on the MTP block's routed experts: work in
+progress); the router biases exactly (sign of load differences: integer token counts).
 """
 
 import jax
