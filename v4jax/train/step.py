@@ -96,8 +96,9 @@ def make_step(
     "block", "tensors", "save:NAME,..."), which trades memory for recomputation.
 
     On a mesh the new state keeps the state's shardings, and the gradients (and their
-    accumulator over micro-batches) are constrained to the parameters' shardings: each device
-    reduces only its own shard (reduce-scatter, ZeRO-2) instead of all-reducing whole gradients.
+    accumulator over micro-batches) are constrained to the parameters' shardings (ZeRO-2: the
+    accumulator is never whole on a device; the compiled tiny step still shows all-reduces, to
+    be attributed before claiming reduce-scatters).
     `shardings` (a TrainState of NamedShardings) fixes them up front (ahead-of-time lowering);
     by default they are the first state's."""
     remat_policy.check(remat)
