@@ -28,6 +28,7 @@ from sharding.specs import resolve, zero_fill
 
 __all__ = [
     "active",
+    "axis_size",
     "constrain",
     "mesh_axes",
     "shard_map",
@@ -82,6 +83,17 @@ def mesh_axes(name: str, size: int) -> tuple[str, ...]:
         return ()
     entry = _spec(ctx, (name,), (size,))[0]
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def axis_size(axes: tuple[str, ...]) -> int:
+    """How many devices the mesh axes `axes` (from `mesh_axes`) span; 1 without rules."""
+    ctx = _ACTIVE.value
+    if ctx is None:
+        return 1
+    size = 1
+    for a in axes:
+        size *= ctx.mesh.shape[a]
+    return size
 
 
 def shard_map(f: Callable, *, in_specs, out_specs, check_vma: bool = False) -> Callable:

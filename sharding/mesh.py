@@ -51,7 +51,7 @@ def make_mesh(
 ) -> Mesh:
     """A mesh over all (or the given) devices; the axis sizes must multiply to their number.
 
-    Axes keep the canonical order of `AXES` (data, fsdp, expert, tensor), so the innermost,
+    Axes keep the canonical order of `AXES` (data, fsdp, context, expert, tensor), so the innermost,
     fastest-varying axis is `tensor`: on a GPU host tensor-parallel ranks sit on NVLink
     neighbours; across hosts `data` / `fsdp` are the outer axes.
     """

@@ -5,6 +5,9 @@ Mesh axes (the only ones; add one only when a regime needs it):
   fsdp    data parallelism whose ranks also split the parameters' model dim (gathered per use).
   expert  expert parallelism: routed experts split; outside the MoE it is another batch axis
           (TRAIN) or another tensor-parallel axis (DECODE).
+  context context parallelism (TRAIN): the sequence split into contiguous shards; attention
+          exchanges only boundary tokens and compressed entries (v4jax/model/context_parallel.py);
+          parameters are ZeRO-split over it like fsdp.
   tensor  tensor parallelism: attention heads, the grouped output projection, FFN width, vocab.
 
 A rule maps a logical name to a tuple of mesh axes, tried in order. Resolution (`specs.resolve`)
@@ -25,7 +28,7 @@ from collections.abc import Mapping
 
 __all__ = ["AXES", "DECODE", "TRAIN", "Regime", "Rules", "rules_for"]
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "context", "expert", "tensor")
 
 Rule = tuple[str, ...]
 
@@ -61,7 +64,7 @@ class Rules:
 # the remaining model axes (e.g. wq_b's q_lora dim over fsdp and expert: ZeRO-3, gathered per use).
 TRAIN = Rules(
     name="TRAIN",
-    zero=("fsdp", "expert", "tensor"),
+    zero=("fsdp", "context", "expert", "tensor"),
     params={
         "layers": (),  # the scanned stack: every rank holds its slice of every layer
         "vocab": ("tensor",),  # embedding / head rows, tid2eid rows
@@ -81,7 +84,7 @@ TRAIN = Rules(
     },
     activations={
         "batch": ("data", "fsdp", "expert"),  # batch rows over every data-like axis
-        "length": (),  # sequence: whole (no context parallelism yet)
+        "length": ("context",),  # sequence: contiguous shards (context parallelism)
         "embed": (),  # residual / hidden width: whole (FSDP gathers weights, not activations)
         "vocab": ("tensor",),  # logits columns, as the head's rows
         "experts": ("expert", "tensor"),  # the MoE's expert dim inside its shard_map (= params)

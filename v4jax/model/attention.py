@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sharding import constraints
 from v4jax.config import Attn, ModelConfig
 from v4jax.kernels.sparse_attention import sparse_attention
-from v4jax.model import remat
+from v4jax.model import context_parallel, remat
 from v4jax.model.compressor import Compressor, quant_kv_nope
 from v4jax.model.indexer import Indexer, indexer_kl
 from v4jax.model.layers import (
@@ -80,11 +81,23 @@ class Attention(nnx.Module):
 
     def output(self, q, pool, idx, pos) -> jnp.ndarray:
         """Sparse attention over pool[idx], de-rotation, grouped low-rank projection -> [B,S,D]."""
-        c = self.cfg
+        return self.project(self.attend(q, pool, idx), pos)
+
+    def attend(self, q, pool, idx) -> jnp.ndarray:
+        """Sparse attention of queries [B, S, H, K] over rows pool[idx] (-1: none) -> [B,S,H,K]."""
         o = sparse_attention(
-            q, pool, idx, self.attn_sink[...], scale=c.head_dim**-0.5, implementation=self._impl()
+            q,
+            pool,
+            idx,
+            self.attn_sink[...],
+            scale=self.cfg.head_dim**-0.5,
+            implementation=self._impl(),
         )
-        o = remat.name(o, "attn_ctx")
+        return remat.name(o, "attn_ctx")
+
+    def project(self, o, pos) -> jnp.ndarray:
+        """Attention context [B, S, H, K] -> de-rotated, grouped low-rank projection [B, S, D]."""
+        c = self.cfg
         o = rope(o, pos, self._freqs(), inverse=True)
         b, s = o.shape[:2]
         o = o.reshape(b, s, c.o_groups, -1).astype(F32)  # [B, S, G, H*K/G]
@@ -111,6 +124,9 @@ class Attention(nnx.Module):
         if indexer not in INDEXER_STAGES:
             raise ValueError(f"indexer={indexer!r}: expected one of {INDEXER_STAGES}")
         b, s, _ = u.shape
+        ctx = constraints.mesh_axes("length", s)
+        if ctx:  # the sequence is split over mesh axes: two-stage context parallelism
+            return context_parallel.attention(self, u, indexer, ctx)
         pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         qr, q = self.queries(u, pos)
         pool = self.window_kv(u, pos)

@@ -39,16 +39,23 @@ class Compressor(nnx.Module):
         """u [B, S, D] -> kv, gate logits (without ape) [B, S, W] float32."""
         return self.wkv(u, out_dtype=F32), self.wgate(u, out_dtype=F32)
 
-    def pool_blocks(self, kv: jnp.ndarray, score: jnp.ndarray) -> jnp.ndarray:
-        """Complete blocks kv, score+ape [B, C, r, W] -> pooled [B, C, head_dim] float32."""
+    def pool_blocks(self, kv: jnp.ndarray, score: jnp.ndarray, *, leading: bool = False):
+        """Complete blocks kv, score+ape [B, C, r, W] -> pooled [B, C, head_dim] float32.
+
+        Overlap: block i also pools block i-1's first half. `leading`: kv / score hold one more
+        block in front, the one before entry 0 (context parallelism: from the previous shard);
+        otherwise that block is absent (kv 0, logit -inf) and C blocks give C entries."""
         if self.overlap:
             c = self.head_dim
-            n = kv.shape[1]
-            shift = ((0, 0), (1, 0), (0, 0), (0, 0))  # block i sees block i-1's first half
-            prev_kv = jnp.pad(kv[..., :c], shift)[:, :n]
-            prev_sc = jnp.pad(score[..., :c], shift, constant_values=-jnp.inf)[:, :n]
-            kv = jnp.concatenate([prev_kv, kv[..., c:]], axis=2)  # [B, C, 2r, c]
-            score = jnp.concatenate([prev_sc, score[..., c:]], axis=2)
+            if not leading:
+                shift = ((0, 0), (1, 0), (0, 0), (0, 0))
+                kv = jnp.pad(kv, shift)
+                score = jnp.pad(score, shift, constant_values=-jnp.inf)
+            # [B, C, 2r, c]: block i-1's channels [0:c], then block i's [c:2c]
+            kv = jnp.concatenate([kv[:, :-1, :, :c], kv[:, 1:, :, c:]], axis=2)
+            score = jnp.concatenate([score[:, :-1, :, :c], score[:, 1:, :, c:]], axis=2)
+        elif leading:
+            raise ValueError("pool_blocks: leading=True needs an overlapping (ratio 4) compressor")
         return jnp.sum(kv * jax.nn.softmax(score, axis=2), axis=2)
 
     def __call__(self, u: jnp.ndarray) -> jnp.ndarray:

@@ -46,9 +46,17 @@ class Indexer(nnx.Module):
 
     def scores(self, u: jnp.ndarray, q: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
         """Index scores [B, S, C] (activation dtype arithmetic, as the reference's bf16)."""
-        rnd = self.prec.round
+        return self.weighted_scores(self.head_weights(u), q, keys)
+
+    def head_weights(self, u: jnp.ndarray) -> jnp.ndarray:
+        """Per-query head weights w_h [B, S, H] (scaled, rounded as the reference)."""
         w = self.weights_proj(u).astype(F32) * F32(self.head_dim**-0.5 * self.heads**-0.5)
-        w = rnd(w)  # [B, S, H]
+        return self.prec.round(w)
+
+    def weighted_scores(self, w: jnp.ndarray, q: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
+        """sum_h w_h ReLU(q_h . k_i): head weights [B, S, H], queries [B, S, H, K], keys
+        [B, C, K] -> [B, S, C]."""
+        rnd = self.prec.round
         logits = rnd(act_einsum("bshk,bck->bshc", q, keys, self.prec))
         weighted = rnd(jnp.maximum(logits, 0.0) * w[..., None])
         return rnd(jnp.sum(weighted, axis=2))

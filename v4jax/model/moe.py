@@ -129,7 +129,10 @@ class MoE(nnx.Module):
         w, top = self.gate(x, ids.reshape(-1))
         ex = constraints.mesh_axes("experts", self.num_experts)
         if ex:  # expert parallelism under the active sharding rules
-            routed = expert_parallel(self.experts, x, w, top, ex)
+            # tokens [B * S]: rows split over the batch axes, each row's over the length axes
+            tok = constraints.mesh_axes("batch", shape[0])
+            tok += constraints.mesh_axes("length", shape[1]) if len(shape) == 3 else ()
+            routed = expert_parallel(self.experts, x, w, top, ex, tok=tok)
         else:  # single device (or experts unsplit): each expert on its own tokens only
             routed = self.experts(x, w, top)
         routed = remat.name(routed, "moe_routed")

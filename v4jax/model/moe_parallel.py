@@ -222,16 +222,17 @@ def _gather_body(x, w, top, *ws, ex, reduce, gather, fmt, prec, limit):
     return out  # [T', D] float32
 
 
-def expert_parallel(experts, x, w, top, ex: tuple[str, ...], *, impl: str | None = None):
+def expert_parallel(experts, x, w, top, ex: tuple[str, ...], *, impl: str | None = None, tok=None):
     """Routed experts split over mesh axes `ex` (from the active sharding rules): x [T, D],
-    w / top [T, k] -> [T, D] float32. Tokens keep the "batch" sharding of the rules. `impl`
-    (default: the `dispatch` context, "auto") selects the exchange (module docstring)."""
+    w / top [T, k] -> [T, D] float32. Tokens keep their sharding: over mesh axes `tok`
+    (default: the rules' "batch" axes for T). `impl` (default: the `dispatch` context, "auto")
+    selects the exchange (module docstring)."""
     impl = _check_impl(_IMPL.value if impl is None else impl)
     ws = experts.weights()
     e = ws[0].shape[0]
     if x.ndim != 2 or w.shape != top.shape or top.shape[0] != x.shape[0]:
         raise ValueError(f"expert_parallel: x {x.shape}, w {w.shape}, top {top.shape}")
-    tok = constraints.mesh_axes("batch", x.shape[0])
+    tok = constraints.mesh_axes("batch", x.shape[0]) if tok is None else tuple(tok)
     gather = tuple(a for a in tok if a in ex)
     reduce = tuple(a for a in ex if a not in gather)
     common = dict(ex=ex, reduce=reduce, fmt=experts.fmt, prec=experts.prec, limit=experts.limit)

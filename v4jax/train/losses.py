@@ -239,6 +239,12 @@ def _check(model: TrainModel, tokens, mask):
         if m.shape != t.shape:
             raise ValueError(f"mask {m.shape} and tokens {t.shape} differ in shape")
         m = m.astype(F32)
+    shards = model.context_shards()
+    if t.shape[1] % shards:
+        raise ValueError(
+            f"tokens: sequence length {t.shape[1]} is not divisible by the mesh's {shards} "
+            "context shards"
+        )
     if not isinstance(t, jax.core.Tracer):
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= model.config.vocab_size:

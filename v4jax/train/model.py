@@ -109,6 +109,13 @@ class TrainModel:
             return contextlib.nullcontext()
         return sharding.use_rules(self.mesh, self.rules)
 
+    def context_shards(self) -> int:
+        """How many shards the rules split the sequence into on this mesh (1: none)."""
+        if self.mesh is None:
+            return 1
+        axes = sharding.rules_for(self.rules).activations.get("length", ())
+        return math.prod(self.mesh.shape[a] for a in axes if a in self.mesh.shape)
+
     def place_batch(self, x, batch_axis: int = 0) -> jax.Array:
         """A host batch placed for the step: its `batch_axis` split over the mesh's data axes
         as the activation rules split "batch" (the other axes whole); as is without a mesh."""
