@@ -53,7 +53,9 @@ def _parser() -> cli.Parser:
     t = p.add_argument_group("training step (--train)")
     t.add_argument("--train", action="store_true", help="plan the whole train step instead")
     t.add_argument("--optimizer", choices=("muon", "adamw"), help="default muon")
-    t.add_argument("--remat", help="none | block | tensors | save:NAME,... (default none)")
+    t.add_argument(
+        "--remat", help="none | block | tensors | save:NAME,... | offload[:NAME,...] (default none)"
+    )
     t.add_argument("--accum", type=int, help="micro-batches per step (default 1)")
     t.add_argument("--json", help="write the plan's numbers to this file")
     return p

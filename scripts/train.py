@@ -58,7 +58,7 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--remat",
         default="none",
-        help="rematerialisation: none | block | tensors | save:NAME,... (v4jax.model.remat)",
+        help="rematerialisation: none | block | tensors | save:NAME,... | offload[:NAME,...]",
     )
     return ap.parse_args(argv)
 

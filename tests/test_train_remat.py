@@ -25,22 +25,31 @@ def setup():
 
 
 def _residuals(tm, tokens, policy):
-    """(names kept by `checkpoint_name`, total bytes of the stored residuals)."""
+    """(names kept by `checkpoint_name` in device memory, total bytes of the stored
+    residuals, bytes of those stored in host memory)."""
     fn = lambda p: losses.loss(tm.replace(params=p), tokens, remat=policy)[0]
     res = saved_residuals(fn, tm.params)
     named = {why.split("'")[1] for _, why in res if why.startswith("named '")}
-    nbytes = sum(np.prod(a.shape) * a.dtype.itemsize for a, _ in res)
-    return named, nbytes
+    size = lambda a: np.prod(a.shape) * a.dtype.itemsize
+    host = sum(size(a) for a, _ in res if str(getattr(a, "memory_space", "")).endswith("Host"))
+    return named, sum(size(a) for a, _ in res), host
 
 
 def test_each_policy_keeps_what_it_names(setup):
     tm, tokens = setup
-    kept = {p: _residuals(tm, tokens, p) for p in ("none", "block", "tensors", "save:attn_out")}
+    policies = ("none", "block", "tensors", "save:attn_out", "offload:attn_out")
+    kept = {p: _residuals(tm, tokens, p) for p in policies}
     # "none" keeps whatever the backward uses (some of it happens to carry a name, e.g. q);
     # "block" keeps only the blocks' inputs, so no named tensor.
     assert kept["block"][0] == set()
     assert kept["tensors"][0] == set(remat.TENSORS)
     assert kept["save:attn_out"][0] == {"attn_out"}
+    # "offload": the same residuals, the named ones in host memory: attn_out [B, S, D]
+    # float32 of the 4 scanned layers (S = 32) and of the MTP block (S - 1 = 31)
+    named, total, host = kept["offload:attn_out"]
+    assert named == set() and total == kept["save:attn_out"][1]
+    assert host == (4 * 2 * 32 + 2 * 31) * 256 * 4
+    assert all(k[2] == 0 for p, k in kept.items() if not p.startswith("offload"))
     # Memory between forward and backward: each policy keeps less than the one above it.
     sizes = [kept[p][1] for p in ("none", "tensors", "save:attn_out", "block")]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1], sizes
@@ -52,6 +61,7 @@ def test_each_policy_keeps_what_it_names(setup):
         ("all", "expected one of"),
         ("save:attn_out,banana", "unknown tensor name(s) ['banana']"),
         ("save:", "unknown tensor name"),
+        ("offload:attn_q,banana", "unknown tensor name(s) ['banana']"),
     ],
 )
 def test_bad_policies_are_refused_in_one_line(spec, message):
@@ -66,10 +76,10 @@ def test_gradients_do_not_depend_on_the_policy(setup):
     copy differently, so float32 rounding differs: 1e-6 of each leaf's largest entry."""
     tm, tokens = setup
     grads = {}
-    for policy in ("none", "block", "tensors"):
+    for policy in ("none", "block", "tensors", "offload"):
         fn = lambda p, policy=policy: losses.loss(tm.replace(params=p), tokens, remat=policy)[0]
         grads[policy] = jax.jit(jax.value_and_grad(fn))(tm.params)
-    for policy in ("block", "tensors"):
+    for policy in ("block", "tensors", "offload"):
         assert float(grads[policy][0]) == pytest.approx(float(grads["none"][0]), rel=1e-6)
         ref, got = jax.tree.leaves(grads["none"][1]), jax.tree.leaves(grads[policy][1])
         pairs = zip(ref, got, strict=True)

@@ -10,7 +10,10 @@ kept from the forward and which are recomputed from a block's input during the b
   operations, named in the model with `checkpoint_name` (`NAMES`: query / key-value
   projections, the sparse attention's context and output, the routed and shared experts'
   outputs) and recompute the cheap ones between them (norms, mHC mixing, routing);
-- "save:NAME,NAME,...": keep exactly the named tensors (any subset of `NAMES`).
+- "save:NAME,NAME,...": keep exactly the named tensors (any subset of `NAMES`);
+- "offload" / "offload:NAME,...": keep the "tensors" set (or the named ones) in host memory
+  (`pinned_host`) instead of the accelerator's, copied out during the forward and back for the
+  backward; needs a backend with a pinned_host memory space (GPU, TPU; XLA:CPU has one too).
 
 The names are identities outside a `jax.checkpoint`, so inference is unaffected. A policy
 applies to each block (the scanned units and the MTP block), the unit of recomputation.
@@ -28,7 +31,8 @@ __all__ = ["NAMES", "POLICIES", "TENSORS", "check", "name", "policy", "wrap"]
 
 NAMES = ("attn_q", "attn_kv", "attn_ctx", "attn_out", "moe_routed", "moe_shared")
 TENSORS = NAMES  # what "tensors" keeps: every compute-heavy output
-POLICIES = ("none", "block", "tensors", "save:NAME,...")
+HOST = "pinned_host"  # where "offload" keeps them
+POLICIES = ("none", "block", "tensors", "save:NAME,...", "offload", "offload:NAME,...")
 
 
 def name(x: jax.Array, label: str) -> jax.Array:
@@ -45,10 +49,11 @@ def check(spec: str) -> tuple[str, ...] | None:
         return None
     if spec == "block":
         return ()
-    if spec == "tensors":
+    if spec in ("tensors", "offload"):
         return TENSORS
-    if spec.startswith("save:"):
-        names = tuple(n.strip() for n in spec[5:].split(",") if n.strip())
+    prefix = next((p for p in ("save:", "offload:") if spec.startswith(p)), None)
+    if prefix:
+        names = tuple(n.strip() for n in spec[len(prefix) :].split(",") if n.strip())
         bad = [n for n in names if n not in NAMES]
         if bad or not names:
             raise ValueError(f"remat={spec!r}: unknown tensor name(s) {bad}; known: {NAMES}")
@@ -63,6 +68,18 @@ def policy(spec: str):
         return None
     if not keep:
         return jax.checkpoint_policies.nothing_saveable
+    if spec.startswith("offload"):
+        if not any(m.kind == HOST for m in jax.devices()[0].addressable_memories()):
+            raise ValueError(
+                f"remat={spec!r}: the {jax.default_backend()} backend has no {HOST} memory to "
+                "offload to; use 'tensors' or 'save:NAME,...'"
+            )
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(),
+            names_which_can_be_offloaded=keep,
+            offload_src="device",
+            offload_dst=HOST,
+        )
     return jax.checkpoint_policies.save_only_these_names(*keep)
 
 
