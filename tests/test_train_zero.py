@@ -27,7 +27,7 @@ from sharding.train_plan import _dict_suffix, tree_bytes
 from v4jax.api import _abstract, _precision
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MODEL_AXES = ("fsdp", "expert", "tensor")
+MODEL_AXES = ("fsdp", "context", "expert", "tensor")
 
 
 def _plan():
@@ -68,11 +68,16 @@ def test_zero_fill_puts_each_axis_on_the_largest_dividing_dim():
 @pytest.mark.parametrize("preset", ["flash", "pro"])
 @pytest.mark.parametrize(
     "spec",
-    ["fsdp=8 x expert=8", "data=2 x fsdp=4 x expert=8", "fsdp=4 x tensor=4 x expert=4"],
+    [
+        "fsdp=8 x expert=8",
+        "data=2 x fsdp=4 x expert=8",
+        "fsdp=4 x tensor=4 x expert=4",
+        "context=4 x fsdp=2 x expert=8",
+    ],
 )
 def test_every_large_parameter_is_split_over_every_model_axis(preset, spec):
     """Abstract release state, a 64-device abstract mesh: each leaf of >= 1 MiB is split over
-    fsdp x expert x tensor (all the mesh has of them), so a device holds 1/(model ranks) of it;
+    fsdp x context x expert x tensor (all the mesh has of them), so a device holds 1/(model ranks) of it;
     before zero_fill, e.g. wq_b / wo_a / the compressors were whole on every fsdp rank."""
     cfg = getattr(v4jax.config, preset)()
     _, release = _abstract(cfg, _precision("reference", None), "auto")

@@ -95,10 +95,10 @@ def make_step(
     objective. `remat`: the blocks' rematerialisation policy (`v4jax.model.remat`: "none",
     "block", "tensors", "save:NAME,..."), which trades memory for recomputation.
 
-    On a mesh the new state keeps the state's shardings, and the gradients (and their
-    accumulator over micro-batches) are constrained to the parameters' shardings (ZeRO-2: the
-    accumulator is never whole on a device; the compiled tiny step still shows all-reduces, to
-    be attributed before claiming reduce-scatters).
+    On a mesh the new state keeps the state's shardings. The gradients are left to GSPMD:
+    constraining them to the parameters' ZeRO shardings (to force reduce-scatters) made XLA's
+    SPMD partitioner (jax 0.12, CPU) return wrong gradients on fsdp x tensor meshes, so it is
+    not done (README, "Training at scale").
     `shardings` (a TrainState of NamedShardings) fixes them up front (ahead-of-time lowering);
     by default they are the first state's."""
     remat_policy.check(remat)
@@ -127,11 +127,6 @@ def make_step(
 
     layout = {} if shardings is None else {"state": shardings}  # on a mesh: kept by every step
 
-    def like_params(tree):
-        if not layout:
-            return tree
-        return jax.tree.map(jax.lax.with_sharding_constraint, tree, layout["state"].params)
-
     def step(state: TrainState, tokens, mask):
         with tm.rules_context():
             new, out = _step(state, tokens, mask)
@@ -155,7 +150,6 @@ def make_step(
             (total, m), g = grad_fn(
                 state.params, state.frozen, tok, msk, (lm_s, mtp_s, rest_s, mtp_w)
             )
-            g = like_params(g)
             parts = {k: m[k] for k in ("lm", "mtp", "balance", "indexer_kl")}
             w = {"lm": lm_s, "mtp": mtp_s, "balance": rest_s, "indexer_kl": rest_s}
             parts = {k: v * w[k] for k, v in parts.items()}
@@ -173,7 +167,7 @@ def make_step(
         (_, m0), g0 = shapes
         zero = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
         parts0 = {k: jnp.zeros((), F32) for k in ("lm", "mtp", "balance", "indexer_kl")}
-        init = (jnp.zeros((), F32), like_params(zero(g0)), parts0, zero(m0["expert_counts"]))
+        init = (jnp.zeros((), F32), zero(g0), parts0, zero(m0["expert_counts"]))
         (loss, grads, parts, counts), _ = jax.lax.scan(body, init, (tokens, mask, *scales))
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
