@@ -28,7 +28,8 @@ Components (`v4_component`, replaceable by any `classify(eqn) -> str | None`): t
 `jax.named_scope` if any (einsum's own spec scopes excepted); else the v4jax frames of the
 equation's traceback, innermost first, generic helpers (`layers.py`, `numerics/`, row helpers of
 `decode/chunk.py`) deferring to their caller: `kernels/sparse_attention` -> "attention core";
-`indexer.py` -> "indexer scores" (`Indexer.scores`, not through a `Linear`) or "indexer";
+`indexer.py` -> "indexer scores" (`Indexer.scores` and its two parts, not through a `Linear`)
+or "indexer";
 `compressor.py`, `chunk.py:compress_chunk` -> "indexer" if the source line calling the compressor
 names the indexer's (`indexer.compressor`, `ix.compressor`, `index_compressor`), else
 "compressor"; `attention.py`, `chunk.py:attention_chunk` -> "attention"; `moe.py` -> "router"
@@ -139,6 +140,9 @@ def _compressor_owner(frames: list, i: int) -> str:
     return "indexer" if _INDEXER_CALL.search(line) else "compressor"
 
 
+_SCORES = ("Indexer.scores", "Indexer.head_weights", "Indexer.weighted_scores")
+
+
 def v4_component(eqn) -> str | None:
     """The V4 component of an equation (module docstring), or None."""
     if scope := _scope(eqn):
@@ -156,7 +160,7 @@ def v4_component(eqn) -> str | None:
         elif name == "moe.py":
             return _MOE.get(fn.split(".")[0], "routed experts")
         elif name == "indexer.py":
-            return "indexer scores" if fn == "Indexer.scores" and not via_linear else "indexer"
+            return "indexer scores" if fn in _SCORES and not via_linear else "indexer"
         elif name == "attention.py" or fn == "attention_chunk":
             return "attention"
         elif name == "mhc.py":

@@ -93,7 +93,8 @@ def make_step(
     MTP: `losses.mtp_mask`), its balance and indexer terms by 1 / A (they are means over
     sequences / queries), so the accumulated gradient is the gradient of the whole batch's
     objective. `remat`: the blocks' rematerialisation policy (`v4jax.model.remat`: "none",
-    "block", "tensors", "save:NAME,..."), which trades memory for recomputation.
+    "block", "tensors", "save:NAME,...", "offload[:NAME,...]"), which trades memory for
+    recomputation (or host transfers).
 
     On a mesh the new state keeps the state's shardings. The gradients are left to GSPMD:
     constraining them to the parameters' ZeRO shardings (to force reduce-scatters) made XLA's
