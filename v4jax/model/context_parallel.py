@@ -44,8 +44,13 @@ def _needs(attn) -> list[tuple[str, int]]:
     out = [("the sliding window", attn.cfg.window_size - 1)]
     for name, comp in (("the compressor", attn.compressor), ("the indexer", _ixc(attn))):
         if comp is not None:
-            out.append((f"{name} (ratio {comp.ratio})", comp.ratio * (2 if comp.overlap else 1)))
+            out.append((f"{name} (ratio {comp.ratio})", _tail(comp)))
     return out
+
+
+def _tail(comp) -> int:
+    """Projected rows a compressor takes from the previous shard: r, or 2r overlapping."""
+    return comp.ratio * (2 if comp.overlap else 1)
 
 
 def _ixc(attn):
@@ -90,7 +95,7 @@ def traffic(
         if comp is None:
             continue
         has_grad = comp is attn.compressor or indexer_grad
-        m = comp.ratio * (2 if comp.overlap else 1)
+        m = _tail(comp)
         rows = batch * m * 2 * comp.wkv.weight.shape[0] * 4
         entries = batch * (s // comp.ratio + 1) * comp.head_dim * act
         fwd, gather = fwd + rows, gather + shards * entries
@@ -117,7 +122,7 @@ def _compress(comp, kv, score, *, ctx, shards, length):
     entry of the sequence [b, length // r, K], in order."""
     b, s, w = kv.shape
     r = comp.ratio
-    m = r * (2 if comp.overlap else 1)
+    m = _tail(comp)
     slots = s // r + 1
     i = jax.lax.axis_index(ctx)
     tail_kv = _from_previous(kv[:, s - m :], ctx, shards)
