@@ -30,6 +30,7 @@ __all__ = [
     "active",
     "axis_size",
     "constrain",
+    "gspmd",
     "mesh_axes",
     "shard_map",
     "use_rules",
@@ -44,6 +45,24 @@ class _Context:
 
 
 _ACTIVE = jax.make_user_context(default_value=None)  # a _Context or None; in jit cache keys
+
+
+@contextlib.contextmanager
+def gspmd() -> Iterator[None]:
+    """Programs lowered inside compile with XLA's GSPMD partitioner instead of Shardy.
+
+    The train step on a mesh needs it (jax 0.12): under Shardy, gradients pinned to their
+    parameters' ZeRO shardings (as the optimizer state pins them) came out O(1) wrong for
+    attention weights on fsdp x tensor meshes and under gradient accumulation, while GSPMD
+    compiles the same program right (tests/test_train_mesh.py; README, "Training at scale").
+    The flag is part of jit's cache key: call a jitted function inside this context every
+    time, or it recompiles under Shardy."""
+    before = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", before)
 
 
 @contextlib.contextmanager
