@@ -227,10 +227,9 @@ def plan_train(
         donate_argnums=0,
     )
     t0 = time.perf_counter()
-    with sharding.gspmd():  # the partitioner make_step uses on a mesh
-        lowered = fn.lower(state, tok, tok)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
+    lowered = fn.lower(state, tok, tok)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
     t2 = time.perf_counter()
     ma = compiled.memory_analysis()
     coll, loops = collective_bytes(compiled.as_text())

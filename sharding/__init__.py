@@ -12,7 +12,7 @@ Usage: `v4jax.init(cfg, mesh=sharding.make_mesh("expert=8"))` (or `v4jax.load(pa
 places every parameter with its NamedSharding and runs `model.logits` sharded.
 """
 
-from sharding.constraints import constrain, gspmd, mesh_axes, use_rules
+from sharding.constraints import constrain, mesh_axes, use_rules
 from sharding.distributed import initialize
 from sharding.mesh import auto, make_mesh, parse_mesh_spec
 from sharding.rules import AXES, DECODE, TRAIN, Regime, Rules, rules_for
@@ -38,7 +38,6 @@ __all__ = [
     "abstract_state",
     "auto",
     "check_rules",
-    "gspmd",
     "constrain",
     "initialize",
     "logical_axes",

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.mesh import auto
@@ -30,7 +32,7 @@ __all__ = [
     "active",
     "axis_size",
     "constrain",
-    "gspmd",
+    "gathered",
     "mesh_axes",
     "shard_map",
     "use_rules",
@@ -45,24 +47,6 @@ class _Context:
 
 
 _ACTIVE = jax.make_user_context(default_value=None)  # a _Context or None; in jit cache keys
-
-
-@contextlib.contextmanager
-def gspmd() -> Iterator[None]:
-    """Programs lowered inside compile with XLA's GSPMD partitioner instead of Shardy.
-
-    The train step on a mesh needs it (jax 0.12): under Shardy, gradients pinned to their
-    parameters' ZeRO shardings (as the optimizer state pins them) came out O(1) wrong for
-    attention weights on fsdp x tensor meshes and under gradient accumulation, while GSPMD
-    compiles the same program right (tests/test_train_mesh.py; README, "Training at scale").
-    The flag is part of jit's cache key: call a jitted function inside this context every
-    time, or it recompiles under Shardy."""
-    before = jax.config.jax_use_shardy_partitioner
-    jax.config.update("jax_use_shardy_partitioner", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_use_shardy_partitioner", before)
 
 
 @contextlib.contextmanager
@@ -92,6 +76,60 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     if ctx is None:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, _spec(ctx, axes, x.shape)))
+
+
+def gathered(module):
+    """`module` (an nnx module: one layer of a scanned stack, or the MTP block) with each
+    parameter constrained to its rules-table sharding without the ZeRO axes for use, and its
+    gradient constrained back to the parameter's own (ZeRO) sharding: the FSDP / ZeRO-3
+    all-gather before use and reduce-scatter after, per layer, made explicit. Identity without
+    rules (and under rules without ZeRO axes, where the two shardings agree).
+
+    Left implicit, XLA's SPMD partitioner (jax 0.12, CPU; Shardy and GSPMD) returned wrong
+    values: a scan whose body multiplies a carry batch-split over (data, expert) by a slice of
+    a stacked weight split over (expert, tensor) came out 0.32 off (its gradient 0.62), while
+    the same weight gathered in the body is right (tests/test_train_zero.py; README)."""
+    from flax import nnx  # only here: the rest of this module is plain jax
+
+    ctx = _ACTIVE.value
+    if ctx is None:
+        return module
+    graph, state = nnx.split(module)
+    mesh, mesh_shape, rules = ctx.mesh, dict(ctx.mesh.shape), ctx.rules
+
+    def gather(spec, x):
+        if len(tuple(spec)) < x.ndim:  # not annotated with logical names: left as it is
+            return x
+        axes = tuple(spec)[len(tuple(spec)) - x.ndim :]  # a scan slice has no "layers" dim
+        use = resolve(axes, x.shape, mesh_shape, rules.params)
+        stored = zero_fill(use, x.shape, mesh_shape, rules.zero) if rules.zero else use
+        if use == stored or x.dtype not in _GRAD_DTYPES:
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, use))
+        return _fsdp(x, NamedSharding(mesh, use), NamedSharding(mesh, stored))
+
+    is_spec = lambda v: isinstance(v, PartitionSpec)
+    state = jax.tree.map(gather, nnx.get_partition_spec(state), state, is_leaf=is_spec)
+    return nnx.merge(graph, state)
+
+
+_GRAD_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _fsdp(x, use: NamedSharding, stored: NamedSharding):
+    """x in its use sharding (forward); its gradient in `stored` (backward)."""
+    return jax.lax.with_sharding_constraint(x, use)
+
+
+def _fsdp_fwd(x, use, stored):
+    return _fsdp(x, use, stored), None
+
+
+def _fsdp_bwd(use, stored, _, g):
+    return (jax.lax.with_sharding_constraint(g, stored),)
+
+
+_fsdp.defvjp(_fsdp_fwd, _fsdp_bwd)
 
 
 def mesh_axes(name: str, size: int) -> tuple[str, ...]:

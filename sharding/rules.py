@@ -85,6 +85,7 @@ TRAIN = Rules(
     activations={
         "batch": ("data", "fsdp", "expert"),  # batch rows over every data-like axis
         "length": ("context",),  # sequence: contiguous shards (context parallelism)
+        "heads": ("tensor",),  # attention heads (the attention core's shard_map)
         "embed": (),  # residual / hidden width: whole (FSDP gathers weights, not activations)
         "vocab": ("tensor",),  # logits columns, as the head's rows
         "experts": ("expert", "tensor"),  # the MoE's expert dim inside its shard_map (= params)
@@ -116,6 +117,7 @@ DECODE = Rules(
     activations={
         "batch": ("data", "fsdp"),  # batch rows: data-parallel replicas of the model
         "length": (),  # sequence: whole
+        "heads": ("tensor", "expert"),  # head-parallel attention core (as the params' heads)
         "embed": (),  # residual / hidden width: whole
         "vocab": ("tensor", "expert"),  # logits columns, as the head's rows
         "experts": ("expert", "tensor"),  # the MoE's expert dim inside its shard_map (= params)

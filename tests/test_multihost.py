@@ -189,7 +189,9 @@ def test_two_process_train_step_matches_single_process(tmp_path):
         assert sorted(got) == sorted(f"leaf{i}" for i in range(len(leaves)))
         # npz keeps ml_dtypes (the FP8 scales' float8_e8m0fnu) as raw bytes: same width
         raw = [got[f"leaf{i}"] for i in range(len(leaves))]
-        raw = [r.view(x.dtype) if r.dtype.kind == "V" else r for r, x in zip(raw, leaves)]
+        raw = [
+            r.view(x.dtype) if r.dtype.kind == "V" else r for r, x in zip(raw, leaves, strict=True)
+        ]
         state, m = jax.tree.unflatten(tree, raw)
     mesh_test._compare(tm, state0, m0, state, m, "two processes")
 

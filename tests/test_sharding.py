@@ -23,7 +23,7 @@ from v4jax.api import _abstract, _precision, logits_jit
 # S = 132 crosses the 16-token window, fills 33 ratio-4 entries (index_topk 8 < 33) and one
 # ratio-128 entry; layers 0-1 are hash-routed; 2 x (CSA, HCA) layers form a scanned segment.
 CFG = v4jax.config.tiny(num_heads=8, index_heads=8, compress_ratios=(0, 4, 4, 128, 4, 128, 0))
-MESHES = ["fsdp=8", "expert=4 x tensor=2", "data=2 x expert=4"]
+MESHES = ["fsdp=8", "expert=4 x tensor=2", "data=2 x expert=4", "data=2 x expert=2 x tensor=2"]
 B, S = 8, 132
 
 
@@ -123,11 +123,14 @@ def test_sharded_logits_equal_unsharded(reference, spec, rules):
     got = np.asarray(out)
     rel = np.abs(got - reference).max() / np.abs(reference).max()
     assert rel <= 1e-5, f"{spec} {rules}: max relative difference {rel:.2e}"
-    # The expert-parallel MoE ran (a shard_map per MoE layer) wherever the mesh splits experts.
+    # The expert-parallel MoE ran (a shard_map per MoE layer) wherever the mesh splits experts,
+    # and the attention core (a shard_map per attention layer) on every mesh here (each splits
+    # the batch or the heads).
     fn, tok = logits_jit(model.graphdef, model.state, model.mesh, model.rules, (B, S), 1024)
     text = fn.lower(model.state, jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=tok)).as_text()
     traced_moes = sum(len(seg.kinds) for seg in v4jax.config.layer_plan(CFG))  # scan: once
-    assert text.count("sdy.manual_computation") == (traced_moes if "expert" in spec else 0)
+    moes = traced_moes if "expert" in spec else 0
+    assert text.count("sdy.manual_computation") == moes + traced_moes  # as many attentions
 
 
 # ------------------------------------------------------- large weights are really split

@@ -10,7 +10,7 @@ The optimizer is wrapped so that its state also keeps the exact gradients it was
 (`_recording`), and the step is checked in two parts that compose to the whole:
 1. the sharded step's loss and gradients equal the unsharded step's (1e-6 relative);
 2. the sharded step's new parameters and moments equal the UNSHARDED optimizer applied to the
-   sharded step's own gradients (AdamW leaves: 1e-6 of each leaf's update; Muon leaves: 1e-3,
+   sharded step's own gradients (AdamW leaves: 1e-6 of each leaf's update; Muon leaves: 5e-3,
    see `_compare`).
 Comparing the two runs' new parameters directly is not a 1e-6 statement about sharding: the
 V4 optimizer is ill-conditioned in its input, by design. Adam's first step is sign(g) (eps
@@ -40,19 +40,11 @@ from v4jax.train.optim import partition
 from v4jax.train.schedule import LRSchedule
 from v4jax.train.step import LossWeights, init_state, make_step
 
-# Open defect on data x expert x tensor: the TRAIN-rules forward is wrong there (LM loss 8.222 vs
-# 8.254, under Shardy and GSPMD alike; every other mesh tried, with two of those axes or with
-# fsdp in place of data, is right). Localised to the CSA (ratio 4) layers of the full model:
-# with compress_ratios (0, 0, 0, 0) or (0, 128, 128, 128) the loss is right, and one CSA layer
-# run alone with the same shardings is right (1e-6). Not yet found.
-FORWARD_WRONG = pytest.mark.xfail(
-    strict=True, reason="open defect: TRAIN forward wrong on data x expert x tensor (README)"
-)
 MESHES = [
     "data=2 x fsdp=4",
     "fsdp=2 x tensor=4",
     "fsdp=2 x expert=4",
-    pytest.param("data=2 x expert=2 x tensor=2", marks=FORWARD_WRONG),
+    "data=2 x expert=2 x tensor=2",
     "context=2 x fsdp=4",
 ]
 B, S = 8, 64  # S > window 16 and > 4 x 4-token CSA blocks; B splits over every data-like axis
@@ -176,9 +168,9 @@ def _compare(tm0, state0, m0, state, m, label):
         # update is elementwise: 1e-6. Muon's: Newton-Schulz on the same matrix in another
         # layout (whole experts gathered per device, other batch sizes of the matmuls) rounds
         # differently, and its ~8e4 gain on tiny singular values turns 6e-8 into up to ~5e-3;
-        # measured 9e-5 (MTP experts, fsdp=2 x expert=4): 1e-3. A wrong shard or a missing
-        # reduction is O(1).
-        bound = 1e-3 if k in muon else 1e-6
+        # measured up to 7.6e-4 (experts, fsdp=2 x tensor=4): 5e-3. A wrong shard or a
+        # missing reduction is O(1).
+        bound = 5e-3 if k in muon else 1e-6
         err = float(np.max(np.abs(new[k] - (p + np.asarray(u[k])))))
         tol = bound * float(np.max(np.abs(u[k]))) + float(np.max(np.spacing(np.abs(p))))
         assert err <= tol, f"{label} {k}: new parameter off by {err:.3g} (bound {tol:.3g})"

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sharding import constraints
 from v4jax.config import Attn, ModelConfig
@@ -83,13 +84,14 @@ class Attention(nnx.Module):
         """Sparse attention over pool[idx], de-rotation, grouped low-rank projection -> [B,S,D]."""
         return self.project(self.attend(q, pool, idx), pos)
 
-    def attend(self, q, pool, idx) -> jnp.ndarray:
-        """Sparse attention of queries [B, S, H, K] over rows pool[idx] (-1: none) -> [B,S,H,K]."""
+    def attend(self, q, pool, idx, sink=None) -> jnp.ndarray:
+        """Sparse attention of queries [B, S, H, K] over rows pool[idx] (-1: none) -> [B,S,H,K]
+        (`sink`: the heads' sinks, by default the layer's own)."""
         o = sparse_attention(
             q,
             pool,
             idx,
-            self.attn_sink[...],
+            self.attn_sink[...] if sink is None else sink,
             scale=self.cfg.head_dim**-0.5,
             implementation=self._impl(),
         )
@@ -129,35 +131,70 @@ class Attention(nnx.Module):
             return context_parallel.attention(self, u, indexer, ctx)
         pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         qr, q = self.queries(u, pos)
-        pool = self.window_kv(u, pos)
+        core = {"q": q, "kv": self.window_kv(u, pos)}
+        if self.ratio:
+            core["entries"] = entries = self.compressor(u)  # [B, C, K]
+            n = entries.shape[1]
+            vis = jnp.broadcast_to(entry_visible(jnp.arange(s), n, self.ratio), (b, s, n))
+            core["comp"] = jnp.where(vis, jnp.arange(n), -1)
+            if self.indexer is not None and indexer == "off":
+                core["comp"] = self.indexer(u, qr, pos, self.indexer.compressor(u), vis)
+            elif self.indexer is not None and n:
+                ix, (ud, qd) = self.indexer, (jax.lax.stop_gradient(a) for a in (u, qr))
+                core["scores"] = ix.scores(ud, ix.queries(qd, pos), ix.compressor(ud))
+                if indexer == "sparse":
+                    core["comp"] = ix.select(core["scores"], vis)
+        o, kl = self._mix(core)
+        return remat.name(self.project(o, pos), "attn_out"), kl
+
+    def _mix(self, core: dict):
+        """The sequence-mixing core -> (context [B, S, H, K], KL terms): the window rows and
+        the compressed entries `comp` ([B, S, k] indices into `entries`, -1 none) in one
+        pool, one sparse attention (and the indexer KL against `scores` when given).
+
+        On a mesh it runs per device in a `shard_map` over the batch (and, without the KL,
+        head) axes: the Pallas kernels need it (GSPMD cannot partition a kernel call), and the
+        reference's gather of pool rows then never meets XLA's SPMD partitioner."""
+        h = core["q"].shape[2]
+        bat = constraints.mesh_axes("batch", core["q"].shape[0])
+        # heads are independent: split them too, unless the KL sums probabilities over them
+        heads = () if "scores" in core else constraints.mesh_axes("heads", h)
+        if not constraints.active() or not (bat or heads):
+            return self._mix_local(core)
+        specs = {k: P(bat or None, *(None,) * (v.ndim - 1)) for k, v in core.items()}
+        specs["q"] = P(bat or None, None, heads or None, None)
+        run = constraints.shard_map(
+            lambda c, sink: self._mix_local(c, sink, bat),
+            in_specs=(specs, P(heads or None)),
+            out_specs=(specs["q"], (P(), P())),
+        )
+        return run(core, self.attn_sink[...])
+
+    def _mix_local(self, core: dict, sink=None, reduce_over: tuple[str, ...] = ()):
+        """`_mix` on local arrays; `sink` (default: the layer's), the KL summed over
+        `reduce_over` (the batch's mesh axes, inside the shard_map)."""
+        q, pool = core["q"], core["kv"]
+        b, s = q.shape[:2]
         win = prefill_window_idx(s, self.cfg.window_size)  # [S, W]
         idx = jnp.broadcast_to(win, (b, *win.shape))
         kl = (jnp.zeros((), F32), jnp.zeros((), F32))
         if self.ratio:
-            entries = self.compressor(u)  # [B, C, K]
-            n = entries.shape[1]
-            vis = jnp.broadcast_to(entry_visible(jnp.arange(s), n, self.ratio), (b, s, n))
-            every = jnp.where(vis, jnp.arange(n), -1)
-            comp, scores = every, None
-            if self.indexer is not None and indexer == "off":
-                comp = self.indexer(u, qr, pos, self.indexer.compressor(u), vis)
-            elif self.indexer is not None and n:
-                ix, (ud, qd) = self.indexer, (jax.lax.stop_gradient(a) for a in (u, qr))
-                scores = ix.scores(ud, ix.queries(qd, pos), ix.compressor(ud))
-                comp = every if indexer == "dense" else ix.select(scores, vis)
+            comp = core["comp"]
             idx = jnp.concatenate([idx, jnp.where(comp >= 0, comp + s, -1)], axis=-1)
-            pool = jnp.concatenate([pool, entries], axis=1)
-            if scores is not None:
-                kl = self._indexer_kl(q, pool, idx, comp, scores)
+            pool = jnp.concatenate([pool, core["entries"]], axis=1)
+            if "scores" in core:
+                kl = self._indexer_kl(q, pool, idx, comp, core["scores"], sink)
+                kl = jax.lax.psum(kl, reduce_over) if reduce_over else kl
         q, pool = remat.name(q, "attn_q"), remat.name(pool, "attn_kv")
-        return remat.name(self.output(q, pool, idx.astype(jnp.int32), pos), "attn_out"), kl
+        return self.attend(q, pool, idx.astype(jnp.int32), sink), kl
 
-    def _indexer_kl(self, q, pool, idx, comp, scores):
+    def _indexer_kl(self, q, pool, idx, comp, scores, sink=None):
         """KL(p || softmax(index scores)) over the entries `comp` [B, S, k] of each query:
         p = this layer's attention probabilities of those entries (the sink and the window in
         the denominator, as the attention uses them), summed over heads (detached)."""
         sg = jax.lax.stop_gradient
-        probs = attention_probs(sg(q), sg(pool), idx, sg(self.attn_sink[...]), self.cfg)
+        sink = self.attn_sink[...] if sink is None else sink
+        probs = attention_probs(sg(q), sg(pool), idx, sg(sink), self.cfg)
         mass = jnp.sum(probs[..., -comp.shape[-1] :], axis=2)  # [B, S, k]
         logits = jnp.take_along_axis(scores, jnp.maximum(comp, 0), axis=-1)
         return indexer_kl(sg(mass), logits, comp >= 0)

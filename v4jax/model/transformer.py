@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from sharding.constraints import constrain
+from sharding.constraints import constrain, gathered
 from v4jax.config import LayerKind, ModelConfig, Segment, layer_plan
 from v4jax.model import remat as rm
 from v4jax.model.block import STREAMS, Block
@@ -51,13 +51,15 @@ def stacked_unit(cfg: ModelConfig, seg: Segment, prec: Precision, kernels: str) 
 
 @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
 def _run_stack(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray) -> jnp.ndarray:
-    return unit(x, ids)
+    return gathered(unit)(x, ids)  # each layer's weights gathered for use (on a mesh)
 
 
 def _run_stack_train(x: jnp.ndarray, unit: Unit, ids: jnp.ndarray, indexer: str, remat: str):
     """`_run_stack` that also returns each block's statistics, stacked [repeats, ...]; each
     repeat under the rematerialisation policy `remat` (`v4jax.model.remat`)."""
-    body = rm.wrap(lambda unit, x, ids: unit.forward_train(x, ids, indexer), remat, in_scan=True)
+    body = rm.wrap(
+        lambda unit, x, ids: gathered(unit).forward_train(x, ids, indexer), remat, in_scan=True
+    )
 
     @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
     def run(x, unit, ids):
@@ -156,10 +158,12 @@ class Transformer(nnx.Module):
         if self.mtp is None:
             raise ValueError("this config has no MTP block (num_mtp_layers=0)")
         emb = self.embed_tokens(next_ids)
-        return self.mtp.forward_train(streams, emb, next_ids, self.head, indexer, remat)
+        mtp = gathered(self.mtp)  # its weights gathered for use (on a mesh), as a scanned layer's
+        return mtp.forward_train(streams, emb, next_ids, self.head, indexer, remat)
 
     def mtp_logits(self, ids: jnp.ndarray, next_ids: jnp.ndarray) -> jnp.ndarray:
         """MTP logits [B, S, V]: main streams of ids, MTP fed with next_ids (ids shifted by 1)."""
         if self.mtp is None:
             raise ValueError("this config has no MTP block (num_mtp_layers=0)")
-        return self.mtp(self.streams(ids), self.embed_tokens(next_ids), next_ids, self.head)
+        mtp = gathered(self.mtp)
+        return mtp(self.streams(ids), self.embed_tokens(next_ids), next_ids, self.head)

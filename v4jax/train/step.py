@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import sharding
 from v4jax.model import remat as remat_policy
 from v4jax.numerics.policy import jit
 from v4jax.train import losses
@@ -97,10 +96,9 @@ def make_step(
     "block", "tensors", "save:NAME,...", "offload[:NAME,...]"), which trades memory for
     recomputation (or host transfers).
 
-    On a mesh the new state keeps the state's shardings, and the step compiles with XLA's
-    GSPMD partitioner (`sharding.gspmd`: Shardy, jax 0.12's default, returned wrong gradients
-    on fsdp x tensor meshes once they are pinned to the parameters' ZeRO shardings, as the
-    optimizer state pins them; README, "Training at scale").
+    On a mesh the new state keeps the state's shardings (gradients and moments as their
+    parameters: ZeRO); each layer's weights are gathered for use inside the layer
+    (`sharding.constraints.gathered`).
     `shardings` (a TrainState of NamedShardings) fixes them up front (ahead-of-time lowering);
     by default they are the first state's."""
     remat_policy.check(remat)
@@ -203,8 +201,7 @@ def make_step(
         state = jax.tree.map(_on(tm.mesh), state)
         if not layout:
             layout["state"] = jax.tree.map(lambda x: x.sharding, state)
-        with sharding.gspmd():  # not Shardy: see `sharding.gspmd`
-            return jitted(state, tm.place_batch(tokens, 1), tm.place_batch(mask, 1))
+        return jitted(state, tm.place_batch(tokens, 1), tm.place_batch(mask, 1))
 
     return on_mesh
 
