@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.mesh import auto
 from sharding.rules import Rules, rules_for
-from sharding.specs import resolve, zero_fill
+from sharding.specs import param_spec, resolve, zero_fill
 
 __all__ = [
     "active",
@@ -101,8 +101,7 @@ def gathered(module):
         if len(tuple(spec)) < x.ndim:  # not annotated with logical names: left as it is
             return x
         axes = tuple(spec)[len(tuple(spec)) - x.ndim :]  # a scan slice has no "layers" dim
-        use = resolve(axes, x.shape, mesh_shape, rules.params)
-        stored = zero_fill(use, x.shape, mesh_shape, rules.zero) if rules.zero else use
+        use, stored = param_spec(axes, x.shape, mesh_shape, rules)
         if use == stored or x.dtype not in _GRAD_DTYPES:
             return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, use))
         return _fsdp(x, NamedSharding(mesh, use), NamedSharding(mesh, stored))

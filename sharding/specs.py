@@ -126,13 +126,25 @@ def param_specs(state: nnx.State, mesh: Mesh, rules: Rules | str) -> dict[Path, 
     rules = rules_for(rules)
     check_rules(state, rules)
     shapes, mesh_shape = _shapes(state), dict(mesh.shape)
-    out = {}
-    for p, axes in logical_axes(state).items():
-        shape = shapes[p].shape
-        spec = resolve(axes, shape, mesh_shape, rules.params)
-        layers = frozenset(i for i, name in enumerate(axes) if name == "layers")
-        out[p] = zero_fill(spec, shape, mesh_shape, rules.zero, layers) if rules.zero else spec
-    return out
+    return {
+        p: param_spec(axes, shapes[p].shape, mesh_shape, rules)[1]
+        for p, axes in logical_axes(state).items()
+    }
+
+
+def param_spec(
+    axes: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    mesh_shape: Mapping[str, int],
+    rules: Rules,
+) -> tuple[PartitionSpec, PartitionSpec]:
+    """One parameter's (use, stored) specs: the table's, and that plus the ZeRO axes
+    (`zero_fill`, never on the "layers" dim). They are equal under rules without ZeRO axes."""
+    use = resolve(axes, shape, mesh_shape, rules.params)
+    if not rules.zero:
+        return use, use
+    layers = frozenset(i for i, name in enumerate(axes) if name == "layers")
+    return use, zero_fill(use, shape, mesh_shape, rules.zero, layers)
 
 
 def _replace_leaves(state: nnx.State, values: Mapping[Path, object]) -> nnx.State:

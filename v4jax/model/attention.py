@@ -155,11 +155,10 @@ class Attention(nnx.Module):
         On a mesh it runs per device in a `shard_map` over the batch (and, without the KL,
         head) axes: the Pallas kernels need it (GSPMD cannot partition a kernel call), and the
         reference's gather of pool rows then never meets XLA's SPMD partitioner."""
-        h = core["q"].shape[2]
         bat = constraints.mesh_axes("batch", core["q"].shape[0])
         # heads are independent: split them too, unless the KL sums probabilities over them
-        heads = () if "scores" in core else constraints.mesh_axes("heads", h)
-        if not constraints.active() or not (bat or heads):
+        heads = () if "scores" in core else constraints.mesh_axes("heads", core["q"].shape[2])
+        if not (bat or heads):  # no rules, or nothing to split
             return self._mix_local(core)
         specs = {k: P(bat or None, *(None,) * (v.ndim - 1)) for k, v in core.items()}
         specs["q"] = P(bat or None, None, heads or None, None)
