@@ -57,6 +57,11 @@ def _parser() -> cli.Parser:
         "--remat", help="none | block | tensors | save:NAME,... | offload[:NAME,...] (default none)"
     )
     t.add_argument("--accum", type=int, help="micro-batches per step (default 1)")
+    t.add_argument(
+        "--moe-buffer",
+        type=float,
+        help="expert-parallel receive buffer = this x a balanced load (default: dropless)",
+    )
     t.add_argument("--json", help="write the plan's numbers to this file")
     return p
 
@@ -81,10 +86,11 @@ def check_flags(ap: cli.Parser, a: argparse.Namespace) -> dict[str, int]:
 
 def _check_train_flags(ap: cli.Parser, a: argparse.Namespace) -> None:
     """The --train flags: refused without --train, checked and defaulted with it."""
-    given = [f for f in ("optimizer", "remat", "accum", "json") if getattr(a, f) is not None]
+    given = [f for f in ("optimizer", "remat", "accum", "moe_buffer", "json")]
+    given = [f for f in given if getattr(a, f) is not None]
     if not a.train:
         if given:
-            ap.fail(f"--{given[0]} plans a training step: add --train")
+            ap.fail(f"--{given[0].replace('_', '-')} plans a training step: add --train")
         a.rules = a.rules or "decode"
         return
     from v4jax.model import remat as remat_policy
@@ -99,6 +105,8 @@ def _check_train_flags(ap: cli.Parser, a: argparse.Namespace) -> None:
         ap.fail(f"--remat: {e}")
     if a.accum < 1:
         ap.fail(f"--accum must be >= 1, not {a.accum}")
+    if a.moe_buffer is not None and not a.moe_buffer >= 1:
+        ap.fail(f"--moe-buffer must be >= 1 (a balanced load), not {a.moe_buffer}")
     if a.seq < 2:
         ap.fail(f"--seq must be >= 2 with --train (next-token targets), not {a.seq}")
     if a.json is not None:
@@ -192,9 +200,11 @@ def plan_train(
     accum: int = 1,
     optimizer: str = "muon",
     remat: str = "none",
+    moe_buffer: float | None = None,
 ) -> dict:
     """Lowers and compiles the whole train step (`make_step`: forward, backward, optimizer,
-    router-bias update) for tokens [accum, batch, seq] on `mesh`; returns its numbers."""
+    router-bias update) for tokens [accum, batch, seq] on `mesh`, the expert-parallel receive
+    buffer bounded at `moe_buffer` x a balanced load (None: dropless); returns its numbers."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -208,7 +218,7 @@ def plan_train(
     tm, state, (opt, sched) = abstract_train_state(cfg, mesh, rules, optimizer)
     # make_step's program without its host-side placement: traced under the mesh's rules here
     state_sh = jax.tree.map(lambda a: a.sharding, state)
-    bare = tm.replace(mesh=None, rules=None)
+    bare = tm.replace(mesh=None, rules=None, moe_buffer=moe_buffer)
     inner = make_step(bare, opt, sched, LossWeights(), remat=remat, shardings=state_sh)
 
     raw = inner.__wrapped__  # the step itself: jitted here with this plan's shardings
@@ -245,6 +255,7 @@ def plan_train(
         tokens=list(shape),
         optimizer=optimizer,
         remat=remat,
+        moe_buffer=moe_buffer,
         lower_s=t1 - t0,
         compile_s=t2 - t1,
         params=vars(params),
@@ -276,6 +287,7 @@ def _main_train(a: argparse.Namespace) -> int:
         accum=a.accum,
         optimizer=a.optimizer,
         remat=a.remat,
+        moe_buffer=a.moe_buffer,
     )
     fits, over = verdict(r["need"], a.hbm_gb * 1e9, a.reserve)
     r.update(model=a.model, hbm_gb=a.hbm_gb, reserve=a.reserve, fits=fits, over=over)
@@ -284,6 +296,8 @@ def _main_train(a: argparse.Namespace) -> int:
     m = r["memory"]
     print(f"model {a.model}  mesh {r['mesh']}  rules {r['rules']}  optimizer {a.optimizer}")
     print(f"compiled train step: tokens {r['tokens']} (micro-batches, batch, seq), remat {a.remat}")
+    buf = "dropless" if a.moe_buffer is None else f"{a.moe_buffer:g} x a balanced load"
+    print(f"expert-parallel receive buffer: {buf}")
     print(f"lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s")
     print("per device:")
     for k in ("params", "grads", "opt_state", "frozen"):

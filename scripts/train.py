@@ -56,6 +56,13 @@ def _args(argv=None) -> argparse.Namespace:
         help="device mesh, e.g. 'data=2 x expert=4' (axes data, fsdp, expert, tensor; TRAIN rules)",
     )
     ap.add_argument(
+        "--moe-buffer",
+        type=float,
+        default=None,
+        help="with --mesh: expert-parallel receive buffer = this x a balanced load; "
+        "assignments past it are dropped (metric moe_dropped). Default: dropless",
+    )
+    ap.add_argument(
         "--remat",
         default="none",
         help="rematerialisation: none | block | tensors | save:NAME,... | offload[:NAME,...]",
@@ -85,6 +92,11 @@ def _check(a) -> None:
             raise ValueError(f"--mesh: {e}") from None
         if a.lora:
             raise ValueError("--mesh with --lora is not supported yet (LoRA trains on one device)")
+    if a.moe_buffer is not None:
+        if a.mesh is None:
+            raise ValueError("--moe-buffer bounds the expert-parallel exchange: it needs --mesh")
+        if not a.moe_buffer >= 1:
+            raise ValueError(f"--moe-buffer must be >= 1 (a balanced load), not {a.moe_buffer}")
     if a.lora < 0:
         raise ValueError("--lora must be >= 0")
     if a.qat and a.lora:
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
         n = sum(x.size for x in jax.tree.leaves(tm.params))
         print(f"LoRA rank {a.lora} on {', '.join(lm.spec.targets)}: {n / 1e6:.3f}M trainable")
     else:
-        tm = tmodel.trainable(base, qat=a.qat)
+        tm = tmodel.trainable(base, qat=a.qat).replace(moe_buffer=a.moe_buffer)
     balance = 0.0 if a.lora else a.balance_weight  # LoRA: the routers stay frozen
     print(
         f"model: {v4jax.count_params(cfg)['total'] / 1e6:.1f}M parameters, "

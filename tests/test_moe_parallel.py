@@ -28,7 +28,7 @@ import sharding
 import v4jax
 from v4jax.model.experts import combine_weights, expert_sum
 from v4jax.model.moe import MoE, RoutedExperts
-from v4jax.model.moe_parallel import dispatch, expert_parallel, ragged_all_to_all_dense
+from v4jax.model.moe_parallel import buffer, dispatch, expert_parallel, ragged_all_to_all_dense
 from v4jax.numerics import Numerics, Precision
 
 PREC = Precision(Numerics.BF16, jnp.float32)
@@ -72,13 +72,13 @@ def _want(ws, meta, x, w, top):
     return expert_sum(x, combine_weights(w, top, E), ws, *meta)
 
 
-def _sharded_fn(spec: str, rules: str, meta, impl: str | None = None):
+def _sharded_fn(spec: str, rules: str, meta, impl: str | None = None, **kw):
     mesh = sharding.make_mesh(spec)
 
     def run(ws, x, w, top):
         with sharding.use_rules(mesh, rules):
             ex = sharding.mesh_axes("experts", E)
-            return expert_parallel(_stand_in(ws, meta), x, w, top, ex, impl=impl)
+            return expert_parallel(_stand_in(ws, meta), x, w, top, ex, impl=impl, **kw)
 
     return jax.jit(run)
 
@@ -95,6 +95,25 @@ def _routings(t: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     repeat = rng.integers(0, E, (t, K)).astype(np.int32)
     repeat[::3, 1] = repeat[::3, 0]
     return {"random": (w, top), "skewed": (w, skew), "repeats": (w, repeat)}
+
+
+def _kept(top: np.ndarray, n: int, cap: int) -> np.ndarray:
+    """[t, k] which assignments a receive buffer of `cap` rows keeps, tokens split evenly
+    over n expert ranks (TRAIN) and distinct experts per token, written from the bound's
+    definition: receiver d takes the sources in rank order, each source's rows for d sorted
+    by (expert, token, slot), and keeps the rows that land below `cap`."""
+    t, k = top.shape
+    per, n_local = t // n, E // n
+    keep = np.ones((t, k), bool)
+    for d in range(n):
+        at = 0
+        for s in range(n):
+            rows = [(i, j) for i in range(s * per, (s + 1) * per) for j in range(k)]
+            rows = sorted((r for r in rows if top[r] // n_local == d), key=lambda r: top[r])
+            for m, r in enumerate(rows):
+                keep[r] = at + m < cap
+            at += len(rows)
+    return keep
 
 
 # ------------------------------------------------------------------ the exchange primitive
@@ -186,6 +205,37 @@ def test_dispatch_context_and_bad_impl():
     assert np.abs(got - want).max() <= REL * np.abs(want).max()
     with pytest.raises(ValueError, match="impl='ring'"):
         dispatch("ring").__enter__()
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5, 8.0])
+def test_bounded_buffer_drops_what_does_not_fit_and_counts_it(factor):
+    """`buffer(factor)` on 'expert=8' (3 tokens per rank, k = 4: a balanced load is 12 rows, the
+    bound rounds up to 8: 16 or 24 rows; dropless needs 8 x 3 = 24): the output equals the
+    unsharded specification with the dropped assignments' weights set to 0, and the count
+    equals the rows the bound's definition drops (`_kept`). Skewed routing (every token to
+    experts 2-5) overflows ranks 2-5 below factor 2; at 8 nothing is dropped (bitwise
+    dropless). Bitwise: the dropped slots add exact zeros in both."""
+    ws, meta = _experts("fp8", seed=13)
+    x = jnp.asarray(np.random.default_rng(14).standard_normal((24, D)), jnp.float32)
+    f = _sharded_fn("expert=8", "train", meta, with_dropped=True)
+    cap = min(24, -(-int(factor * 3 * K) // 8) * 8)
+    total = 0
+    for name, (w, top) in _routings(24, seed=15).items():
+        if name == "repeats":
+            continue  # _kept assumes distinct experts per token
+        keep = _kept(top, 8, cap)
+        with buffer(factor):
+            got, dropped = f(ws, x, w, top)
+        want = np.asarray(_want(ws, meta, x, np.where(keep, w, 0).astype(np.float32), top))
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
+        assert float(dropped) == np.sum(~keep), name
+        total += np.sum(~keep)
+    if factor < 2:
+        assert total >= 4 * (24 - cap)  # skewed: ranks 2-5 each receive 24 rows
+    else:
+        assert total == 0
+    with pytest.raises(ValueError, match="buffer factor 0.5"):
+        buffer(0.5).__enter__()
 
 
 def test_hash_moe_layer_equals_unsharded():
@@ -307,7 +357,7 @@ def test_all_to_all_moves_t_k_d_not_t_d_per_rank():
     f32 = 4
     assert new == {
         "ragged_all_to_all": 2 * t * K * D * f32 + t * K * 2 * f32,  # rows out and back, meta
-        "all_to_all": 3 * n * n * 4,  # int32 counts [n], then both offsets [n, 2], per rank
+        "all_to_all": 4 * n * n * 4,  # int32 counts [n], then offsets and kept rows [n, 3]
     }
     assert old == {
         "all_gather": n * t * (D + 2 * K) * f32,  # x, w, top onto every rank

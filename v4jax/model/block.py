@@ -39,13 +39,16 @@ class Block(nnx.Module):
         """`__call__` plus the block's training statistics (`v4jax.train.losses`): streams
         [B, S, N, D] and {"counts": tokens per routed expert [E], "balance": the router's
         sequence-wise balance term [], "kl" / "kl_queries": indexer KL summed over queries and
-        their number [] (0 outside CSA layers or with indexer="off")}."""
+        their number [] (0 outside CSA layers or with indexer="off"), "moe_dropped": routed
+        assignments a bounded expert-parallel buffer dropped [] (`moe_parallel.buffer`)}."""
         y, post, comb = self.hc_attn.pre(x)
         a, (kl, nq) = self.attn.forward_train(self.attn_norm(y), indexer)
         x = self.hc_attn.post(a, x, post, comb)
         y, post, comb = self.hc_ffn.pre(x)
         h = self.ffn_norm(y)
-        x = self.hc_ffn.post(self.ffn(h, ids), x, post, comb)
+        f, dropped = self.ffn.forward_train(h, ids)
+        x = self.hc_ffn.post(f, x, post, comb)
         counts, balance = self.ffn.gate.stats(h, ids)
         aux = {"counts": counts, "balance": balance, "kl": kl, "kl_queries": nq}
+        aux["moe_dropped"] = dropped
         return constrain(x, STREAMS), aux

@@ -124,6 +124,11 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
         """x [B, S, D] (normed), ids [B, S] token ids -> [B, S, D]."""
+        return self.forward_train(x, ids)[0]
+
+    def forward_train(self, x: jnp.ndarray, ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """`__call__` and the routed assignments dropped by a bounded expert-parallel buffer
+        (`moe_parallel.buffer`; float32 [], 0 when dropless)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, top = self.gate(x, ids.reshape(-1))
@@ -132,9 +137,11 @@ class MoE(nnx.Module):
             # tokens [B * S]: rows split over the batch axes, each row's over the length axes
             tok = constraints.mesh_axes("batch", shape[0])
             tok += constraints.mesh_axes("length", shape[1]) if len(shape) == 3 else ()
-            routed = expert_parallel(self.experts, x, w, top, ex, tok=tok)
+            routed, dropped = expert_parallel(
+                self.experts, x, w, top, ex, tok=tok, with_dropped=True
+            )
         else:  # single device (or experts unsplit): each expert on its own tokens only
-            routed = self.experts(x, w, top)
+            routed, dropped = self.experts(x, w, top), jnp.zeros((), F32)
         routed = remat.name(routed, "moe_routed")
         y = routed + remat.name(self.shared_experts(x), "moe_shared").astype(F32)
-        return y.astype(self.prec.dtype).reshape(shape)
+        return y.astype(self.prec.dtype).reshape(shape), dropped

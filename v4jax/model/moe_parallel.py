@@ -21,6 +21,14 @@ XLA:CPU has no ragged-all-to-all; there the same exchange is emulated by a dense
 of a [n, capacity, ...] buffer (capacity: the worst case of one source-destination pair), so CPU
 tests run the same index arithmetic. `impl` ("auto", "ragged", "dense", "gather"), or the
 `dispatch(...)` context, picks the exchange; "auto" chooses per platform at lowering time.
+
+`buffer(factor)` bounds the receive buffer at `factor` times a balanced load (T k rows, the
+rows each rank sends) instead of the dropless worst case n T min(k, E / n) (8x a balanced
+load on 8 ranks at k = 6): every buffer of the exchange and the expert computation on it
+shrinks by that ratio, and the assignments that do not fit on their destination (the
+highest-expert rows of each source slice past the receiver's bound) are dropped (their
+outputs are 0) and counted: `expert_parallel(..., with_dropped=True)`, the train step's
+`moe_dropped` metric. The default (None) is dropless.
 "gather" is the earlier dispatch (every token all-gathered to every rank, a dense scan of the
 local experts, reduce-scatter), kept as a reference for tests and traffic comparisons.
 """
@@ -38,11 +46,12 @@ from jax.sharding import PartitionSpec as P
 from sharding import constraints
 from v4jax.model.experts import combine_weights, expert_rows, expert_sum
 
-__all__ = ["IMPLS", "dispatch", "expert_parallel", "ragged_all_to_all_dense"]
+__all__ = ["IMPLS", "buffer", "dispatch", "expert_parallel", "ragged_all_to_all_dense"]
 
 IMPLS = ("auto", "ragged", "dense", "gather")
 F32 = jnp.float32
 _IMPL = jax.make_user_context(default_value="auto")  # read at trace time: part of cache keys
+_BUFFER = jax.make_user_context(default_value=None)
 
 
 def _check_impl(impl: str) -> str:
@@ -55,6 +64,21 @@ def _check_impl(impl: str) -> str:
 def dispatch(impl: str) -> Iterator[None]:
     """Selects the expert-parallel exchange for model code traced inside (default "auto")."""
     with _IMPL(_check_impl(impl)):
+        yield
+
+
+def check_buffer(factor: float | None) -> float | None:
+    """`factor` if it is None (dropless) or a number >= 1 (a balanced load must fit)."""
+    if factor is not None and not (isinstance(factor, int | float) and factor >= 1):
+        raise ValueError(f"expert-parallel buffer factor {factor!r}: expected None or >= 1")
+    return None if factor is None else float(factor)
+
+
+@contextlib.contextmanager
+def buffer(factor: float | None) -> Iterator[None]:
+    """Bounds the expert-parallel receive buffer at `factor` x a balanced load for model code
+    traced inside (None: dropless, the default); see the module docstring."""
+    with _BUFFER(check_buffer(factor)):
         yield
 
 
@@ -159,9 +183,9 @@ def _combine(y: jnp.ndarray, order: jnp.ndarray, eid: jnp.ndarray) -> jnp.ndarra
     return out
 
 
-def _route(x, w, top, ws, *, ex, e, impl, fmt, prec, limit) -> jnp.ndarray:
-    """One rank's tokens x [T, D], w / top [T, k] through the experts of all ranks -> [T, D]
-    float32 (steps 2-4 of the module docstring)."""
+def _route(x, w, top, ws, *, ex, e, impl, fmt, prec, limit, factor):
+    """One rank's tokens x [T, D], w / top [T, k] through the experts of all ranks -> ([T, D]
+    float32, assignments dropped here []) (steps 2-4 of the module docstring)."""
     t, k = top.shape
     n_local = ws[0].shape[0]
     n = e // n_local
@@ -171,37 +195,41 @@ def _route(x, w, top, ws, *, ex, e, impl, fmt, prec, limit) -> jnp.ndarray:
     dest = eid_s // n_local  # unused: n
     send = jnp.sum(dest[None, :] == jnp.arange(n)[:, None], axis=1, dtype=jnp.int32)
     in_off = _exclusive_cumsum(send)  # this rank's slice for each destination
+    # Dropless bounds: a token's experts are distinct (repeats merged), so it sends at most
+    # min(k, E / n) rows to one rank; the receive buffer holds that from all n sources, or
+    # `factor` x the T k rows of a balanced load, keeping each source's first rows that fit.
+    pair = t * min(k, n_local)
+    cap = n * pair if factor is None else min(n * pair, -(-int(factor * t * k) // 8) * 8)
     recv = jax.lax.all_to_all(send, ex, 0, 0, tiled=True)  # rows from each source
     recv_off = _exclusive_cumsum(recv)  # where each source's rows land here
-    # where ours land on each destination; where each source's results land back there
-    offs = jax.lax.all_to_all(jnp.stack([recv_off, in_off], axis=1), ex, 0, 0, tiled=True)
-    out_off, back_off = offs[:, 0], offs[:, 1]
+    recv = jnp.clip(cap - recv_off, 0, recv)  # those that fit (all, when dropless)
+    # where ours land on each destination, how many fit there; where results land back here
+    offs = jax.lax.all_to_all(jnp.stack([recv_off, recv, in_off], 1), ex, 0, 0, tiled=True)
+    out_off, kept, back_off = offs[:, 0], offs[:, 1], offs[:, 2]
     # Dispatch: rows, then (weight, local expert) pairs; float32 keeps the weight differentiable
     # and holds expert ids exactly (< 2^24). Unwritten rows keep expert -1: output 0.
-    # Dropless bounds: a token's experts are distinct (repeats merged), so it sends at most
-    # min(k, E / n) rows to one rank; the receive buffer holds that from all n sources.
-    pair = t * min(k, n_local)
-    cap = n * pair
-    exchange = _exchange(impl, ex, pair)
-    there = (in_off, send, out_off, recv, recv_off)
+    exchange = _exchange(impl, ex, min(pair, cap))
+    there = (in_off, kept, out_off, recv, recv_off)
     rows = exchange(x[order // k], jnp.zeros((cap, x.shape[1]), x.dtype), *there)
     meta = jnp.stack([cw[order], (eid_s - dest * n_local).astype(F32)], axis=1)
     meta = exchange(meta, jnp.broadcast_to(jnp.array([0.0, -1.0], F32), (cap, 2)), *there)
     y = expert_rows(rows, meta[:, 1].astype(jnp.int32), meta[:, 0], ws, fmt, prec, limit)
-    # Combine: results return to the slices they came from; unsent rows stay 0.
-    y = exchange(y, jnp.zeros((t * k, y.shape[1]), F32), recv_off, recv, back_off, send, in_off)
-    return _combine(y, order, eid.reshape(t, k))
+    # Combine: results return to the slices they came from; unsent (dropped) rows stay 0.
+    y = exchange(y, jnp.zeros((t * k, y.shape[1]), F32), recv_off, recv, back_off, kept, in_off)
+    return _combine(y, order, eid.reshape(t, k)), jnp.sum(send - kept).astype(F32)
 
 
-def _a2a_body(x, w, top, *ws, ex, reduce, e, impl, fmt, prec, limit):
-    """One rank: its tokens x [T', D], w / top [T', k], its experts ws [E / n, ...]."""
+def _a2a_body(x, w, top, *ws, ex, reduce, e, impl, fmt, prec, limit, factor, every):
+    """One rank: its tokens x [T', D], w / top [T', k], its experts ws [E / n, ...] ->
+    ([T', D] float32, assignments dropped on all ranks [])."""
     t = x.shape[0]
     if reduce:  # tokens replicated over `reduce`: each of those ranks sends its share
         x, w, top = _share(x, reduce, 0), _share(w, reduce, 0), _share(top, reduce, -1)
-    out = _route(x, w, top, ws, ex=ex, e=e, impl=impl, fmt=fmt, prec=prec, limit=limit)
+    common = dict(ex=ex, e=e, impl=impl, fmt=fmt, prec=prec, limit=limit, factor=factor)
+    out, dropped = _route(x, w, top, ws, **common)
     if reduce:
         out = jax.lax.all_gather(out, reduce, axis=0, tiled=True)[:t]
-    return out  # [T', D] float32
+    return out, jax.lax.psum(dropped, every)
 
 
 # -------------------------------------------------------------------------- gather path
@@ -219,12 +247,23 @@ def _gather_body(x, w, top, *ws, ex, reduce, gather, fmt, prec, limit):
         out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)
     if reduce:
         out = jax.lax.psum(out, reduce)
-    return out  # [T', D] float32
+    return out, jnp.zeros((), F32)  # [T', D] float32; dropless
 
 
-def expert_parallel(experts, x, w, top, ex: tuple[str, ...], *, impl: str | None = None, tok=None):
+def expert_parallel(
+    experts,
+    x,
+    w,
+    top,
+    ex: tuple[str, ...],
+    *,
+    impl: str | None = None,
+    tok=None,
+    with_dropped: bool = False,
+):
     """Routed experts split over mesh axes `ex` (from the active sharding rules): x [T, D],
-    w / top [T, k] -> [T, D] float32. Tokens keep their sharding: over mesh axes `tok`
+    w / top [T, k] -> [T, D] float32 (and, `with_dropped`, the assignments the `buffer` bound
+    dropped on all ranks, float32 []). Tokens keep their sharding: over mesh axes `tok`
     (default: the rules' "batch" axes for T). `impl` (default: the `dispatch` context, "auto")
     selects the exchange (module docstring)."""
     impl = _check_impl(_IMPL.value if impl is None else impl)
@@ -239,8 +278,14 @@ def expert_parallel(experts, x, w, top, ex: tuple[str, ...], *, impl: str | None
     if impl == "gather":
         body = functools.partial(_gather_body, gather=gather, **common)
     else:
-        body = functools.partial(_a2a_body, e=e, impl=impl, **common)
+        every = tuple(dict.fromkeys(ex + tok))
+        body = functools.partial(
+            _a2a_body, e=e, impl=impl, factor=_BUFFER.value, every=every, **common
+        )
     t_spec = P(tok or None, None)
     w_specs = tuple(P(ex, *(None,) * (a.ndim - 1)) for a in ws)
-    run = constraints.shard_map(body, in_specs=(t_spec, t_spec, t_spec, *w_specs), out_specs=t_spec)
-    return run(x, w, top, *ws)
+    run = constraints.shard_map(
+        body, in_specs=(t_spec, t_spec, t_spec, *w_specs), out_specs=(t_spec, P())
+    )
+    out, dropped = run(x, w, top, *ws)
+    return (out, dropped) if with_dropped else out

@@ -105,7 +105,9 @@ def loss(
 
     metrics: "loss", "lm", "mtp", "balance", "indexer_kl" (each term unweighted),
     "targets" (LM target tokens), "expert_counts" {block key: tokens per expert [..., E]}
-    (block keys "segments.{s}.blocks.{j}" with a leading [repeats] axis, and "mtp.block")."""
+    (block keys "segments.{s}.blocks.{j}" with a leading [repeats] axis, and "mtp.block"),
+    "moe_dropped" (routed assignments dropped by a bounded expert-parallel buffer,
+    `TrainModel.moe_buffer`; 0 when dropless)."""
     tokens, mask = _check(model, tokens, mask)
     stage = IndexerStage.parse(indexer_stage).value if indexer_weight else "off"
     with model.rules_context():
@@ -136,6 +138,7 @@ def _loss(model, tokens, mask, stage, remat, mtp_weight, balance_weight, indexer
         "indexer_kl": kl,
         "targets": n,
         "expert_counts": {k: a["counts"] for k, a in stats.items()},
+        "moe_dropped": sum(jnp.sum(a["moe_dropped"]) for a in stats.values()),
     }
     return total, metrics
 

@@ -33,6 +33,7 @@ from flax import nnx
 import sharding
 from v4jax.api import Model
 from v4jax.config import ModelConfig
+from v4jax.model import moe_parallel
 from v4jax.model.attention import round_straight_through
 from v4jax.model.attention import straight_through as ste
 from v4jax.model.transformer import Transformer
@@ -79,6 +80,7 @@ class TrainModel:
     kernels: str = "auto"
     mesh: jax.sharding.Mesh | None = None  # the mesh the params live on (from the model)
     rules: Any = None  # its sharding rules (`sharding.TRAIN` for training)
+    moe_buffer: float | None = None  # expert-parallel receive bound (`moe_parallel.buffer`)
 
     def weights(self) -> dict:
         """The state the forward runs on: params (fake-quantised under QAT) + frozen."""
@@ -102,12 +104,17 @@ class TrainModel:
     def replace(self, **changes) -> TrainModel:
         return dataclasses.replace(self, **changes)
 
+    @contextlib.contextmanager
     def rules_context(self):
         """The context model code is traced in: the mesh's activation rules (constraints,
-        expert-parallel MoE) when the params live on a mesh, else nothing."""
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        return sharding.use_rules(self.mesh, self.rules)
+        expert-parallel MoE) when the params live on a mesh, and the expert-parallel buffer
+        bound `moe_buffer` (None: dropless)."""
+        with moe_parallel.buffer(self.moe_buffer):
+            if self.mesh is None:
+                yield
+            else:
+                with sharding.use_rules(self.mesh, self.rules):
+                    yield
 
     def context_shards(self) -> int:
         """How many shards the rules split the sequence into on this mesh (1: none)."""
@@ -131,7 +138,17 @@ class TrainModel:
 jax.tree_util.register_dataclass(
     TrainModel,
     data_fields=["params", "frozen"],
-    meta_fields=["config", "precision", "graphdef", "formats", "qat", "kernels", "mesh", "rules"],
+    meta_fields=[
+        "config",
+        "precision",
+        "graphdef",
+        "formats",
+        "qat",
+        "kernels",
+        "mesh",
+        "rules",
+        "moe_buffer",
+    ],
 )
 
 

@@ -158,6 +158,7 @@ def make_step(
                 jax.tree.map(jnp.add, acc[1], g),
                 jax.tree.map(jnp.add, acc[2], parts),
                 jax.tree.map(jnp.add, acc[3], m["expert_counts"]),
+                acc[4] + m["moe_dropped"],
             )
             return new, None
 
@@ -167,8 +168,8 @@ def make_step(
         (_, m0), g0 = shapes
         zero = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
         parts0 = {k: jnp.zeros((), F32) for k in ("lm", "mtp", "balance", "indexer_kl")}
-        init = (jnp.zeros((), F32), zero(g0), parts0, zero(m0["expert_counts"]))
-        (loss, grads, parts, counts), _ = jax.lax.scan(body, init, (tokens, mask, *scales))
+        init = (jnp.zeros((), F32), zero(g0), parts0, zero(m0["expert_counts"]), F32(0))
+        (loss, grads, parts, counts, dropped), _ = jax.lax.scan(body, init, (tokens, mask, *scales))
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -186,6 +187,7 @@ def make_step(
             lr=schedule(state.step),
             mtp_weight=mtp_w,
             finite=finite,
+            moe_dropped=dropped,
             **load_stats(counts),
         )
         return new, out
