@@ -33,6 +33,7 @@ __all__ = [
     "axis_size",
     "constrain",
     "gathered",
+    "gathered_param",
     "mesh_axes",
     "shard_map",
     "use_rules",
@@ -91,40 +92,58 @@ def gathered(module):
     the same weight gathered in the body is right (tests/test_train_zero.py; README)."""
     from flax import nnx  # only here: the rest of this module is plain jax
 
-    ctx = _ACTIVE.value
-    if ctx is None:
+    if _ACTIVE.value is None:
         return module
     graph, state = nnx.split(module)
-    mesh, mesh_shape, rules = ctx.mesh, dict(ctx.mesh.shape), ctx.rules
 
     def gather(spec, x):
         if len(tuple(spec)) < x.ndim:  # not annotated with logical names: left as it is
             return x
-        axes = tuple(spec)[len(tuple(spec)) - x.ndim :]  # a scan slice has no "layers" dim
-        use, stored = param_spec(axes, x.shape, mesh_shape, rules)
-        if use == stored or x.dtype not in _GRAD_DTYPES:
-            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, use))
-        return _fsdp(x, NamedSharding(mesh, use), NamedSharding(mesh, stored))
+        return gathered_param(x, tuple(spec)[len(tuple(spec)) - x.ndim :])  # no "layers"
 
     is_spec = lambda v: isinstance(v, PartitionSpec)
     state = jax.tree.map(gather, nnx.get_partition_spec(state), state, is_leaf=is_spec)
     return nnx.merge(graph, state)
 
 
+def gathered_param(
+    x: jax.Array, axes: tuple[str | None, ...], whole: tuple[str, ...] = ()
+) -> jax.Array:
+    """One parameter `x` with logical axes `axes`, as `gathered` treats each of a module's:
+    in its use sharding (the dims named in `whole` not split at all), its gradient in its
+    stored (ZeRO) sharding. Identity without rules."""
+    ctx = _ACTIVE.value
+    if ctx is None:
+        return x
+    mesh_shape = dict(ctx.mesh.shape)
+    _, stored = param_spec(axes, x.shape, mesh_shape, ctx.rules)
+    use_axes = tuple(None if a in whole else a for a in axes)
+    use, _ = param_spec(use_axes, x.shape, mesh_shape, ctx.rules)
+    if use == stored or x.dtype not in _GRAD_DTYPES:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, use))
+    # `whole`: the gradient is formed in the use layout first (a lookup's scatter-add of
+    # batch-split rows), else XLA reshards the rows to the table's split (replicating them)
+    use, stored = NamedSharding(ctx.mesh, use), NamedSharding(ctx.mesh, stored)
+    return _fsdp(x, use, stored, bool(whole))
+
+
 _GRAD_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _fsdp(x, use: NamedSharding, stored: NamedSharding):
-    """x in its use sharding (forward); its gradient in `stored` (backward)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _fsdp(x, use: NamedSharding, stored: NamedSharding, via_use: bool = False):
+    """x in its use sharding (forward); its gradient in `stored` (backward; `via_use`: in
+    `use` first)."""
     return jax.lax.with_sharding_constraint(x, use)
 
 
-def _fsdp_fwd(x, use, stored):
-    return _fsdp(x, use, stored), None
+def _fsdp_fwd(x, use, stored, via_use):
+    return _fsdp(x, use, stored, via_use), None
 
 
-def _fsdp_bwd(use, stored, _, g):
+def _fsdp_bwd(use, stored, via_use, _, g):
+    if via_use:
+        g = jax.lax.with_sharding_constraint(g, use)
     return (jax.lax.with_sharding_constraint(g, stored),)
 
 

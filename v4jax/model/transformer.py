@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from sharding.constraints import constrain, gathered
+from sharding.constraints import constrain, gathered, gathered_param
 from v4jax.config import LayerKind, ModelConfig, Segment, layer_plan
 from v4jax.model import remat as rm
 from v4jax.model.block import STREAMS, Block
@@ -118,7 +118,11 @@ class Transformer(nnx.Module):
         self.mtp = MTPBlock(cfg, prec, kernels) if cfg.num_mtp_layers else None
 
     def embed_tokens(self, ids: jnp.ndarray) -> jnp.ndarray:
-        return self.embed[...][ids].astype(self.prec.dtype)
+        # on a mesh, the rows whole for the lookup (a table FSDP-split over the model dim,
+        # looked up by ids split over the batch axes, made XLA replicate the activations:
+        # [B, S, D] on every device)
+        table = gathered_param(self.embed[...], ("vocab", "embed"), whole=("embed",))
+        return table[ids].astype(self.prec.dtype)
 
     def streams(self, ids: jnp.ndarray) -> jnp.ndarray:
         """Final residual streams [B, S, N, D] (before hc_head) of tokens at 0 .. S-1."""
@@ -131,7 +135,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
         """Token ids [B, S] -> float32 logits [B, S, V] at every position."""
-        logits = self.head(self.norm(self.hc_head(self.streams(ids))))
+        logits = gathered(self.head)(self.norm(self.hc_head(self.streams(ids))))
         return constrain(logits, ("batch", "length", "vocab"))
 
     def forward_train(self, ids: jnp.ndarray, indexer: str = "off", remat: str = "none"):
@@ -147,7 +151,7 @@ class Transformer(nnx.Module):
         for s, unit in enumerate(self.segments):
             x, per_block = _run_stack_train(x, unit, ids, indexer, remat)
             stats.update({f"segments.{s}.blocks.{j}": a for j, a in enumerate(per_block)})
-        logits = self.head(self.norm(self.hc_head(x)))
+        logits = gathered(self.head)(self.norm(self.hc_head(x)))
         return constrain(logits, ("batch", "length", "vocab")), x, stats
 
     def mtp_forward_train(
@@ -159,11 +163,11 @@ class Transformer(nnx.Module):
             raise ValueError("this config has no MTP block (num_mtp_layers=0)")
         emb = self.embed_tokens(next_ids)
         mtp = gathered(self.mtp)  # its weights gathered for use (on a mesh), as a scanned layer's
-        return mtp.forward_train(streams, emb, next_ids, self.head, indexer, remat)
+        return mtp.forward_train(streams, emb, next_ids, gathered(self.head), indexer, remat)
 
     def mtp_logits(self, ids: jnp.ndarray, next_ids: jnp.ndarray) -> jnp.ndarray:
         """MTP logits [B, S, V]: main streams of ids, MTP fed with next_ids (ids shifted by 1)."""
         if self.mtp is None:
             raise ValueError("this config has no MTP block (num_mtp_layers=0)")
         mtp = gathered(self.mtp)
-        return mtp(self.streams(ids), self.embed_tokens(next_ids), next_ids, self.head)
+        return mtp(self.streams(ids), self.embed_tokens(next_ids), next_ids, gathered(self.head))
