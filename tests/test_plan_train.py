@@ -164,6 +164,8 @@ BAD = [
     (["--train", "--seq", "1"], "--seq"),
     (["--train", "--json", "/no/such/folder/plan.json"], "--json"),
     (["--train", "--mesh", "fsdp=0"], "--mesh"),
+    (["--moe-buffer", "2"], "--moe-buffer"),  # without --train
+    (["--train", "--moe-buffer", "0.5"], "--moe-buffer"),
 ]
 
 

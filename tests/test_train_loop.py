@@ -201,6 +201,8 @@ def test_accumulation_equals_the_larger_batch(corpus, tmp_path):
         (("--preset", "tiny", "--mesh", "banana=8"), "--mesh: mesh spec 'banana=8': unknown"),
         (("--preset", "tiny", "--mesh", "data=3"), "--mesh: mesh {'data': 3} needs 3 devices"),
         (("--preset", "tiny", "--remat", "some"), "remat='some': expected one of"),
+        (("--preset", "tiny", "--moe-buffer", "2"), "--moe-buffer bounds the expert-parallel"),
+        (("--preset", "tiny", "--mesh", "expert=8", "--moe-buffer", "0.5"), "must be >= 1"),
     ],
 )
 def test_cli_refuses_bad_arguments_in_one_line(args, message, corpus, tmp_path):

@@ -182,3 +182,32 @@ def test_gathered_layers_are_right_where_the_partitioner_was_not():
     g, g0 = np.asarray(got_g["w"].get_value()), np.asarray(want_g["w"].get_value())
     assert np.max(np.abs(g - g0)) <= 1e-6 * np.max(np.abs(g0))
     assert got_g["w"].get_value().sharding.spec == P(None, "expert", "tensor")
+
+
+@pytest.mark.parametrize("factor, want", [(None, 0), (1.0, 192), (4.0, 0)])
+def test_moe_buffer_drops_are_counted_in_the_loss_metrics(factor, want):
+    """`TrainModel.moe_buffer` reaches the expert-parallel exchange and its drops reach the
+    metrics: one hash-routed layer on 'expert=8' (TRAIN: 8 x 16 tokens split over the 8
+    expert ranks, 16 each), every token routed to experts 0 and 1 (k = 2, one expert per
+    rank). Ranks 0 and 1 then receive all 8 x 16 = 128 rows each; a balanced load is 16 x 2
+    = 32 rows, so factor 1 keeps 32 of them per rank and drops 2 x 96 = 192, factor 4 keeps
+    all 128, and the dropless default drops none. (MTP off: its router is not hash-routed.)"""
+    from v4jax.train import losses
+    from v4jax.train import model as tmodel
+
+    cfg = v4jax.config.tiny(compress_ratios=(0, 0), num_hash_layers=1)
+    mesh = sharding.make_mesh("expert=8")
+    base = v4jax.init(cfg, seed=0, numerics="bf16", mesh=mesh, rules=sharding.TRAIN)
+    tm = tmodel.trainable(base).replace(moe_buffer=factor)
+
+    def route_to_0_and_1(path, a):
+        if _dict_suffix(path)[-1:] != ("tid2eid",):
+            return a
+        return jax.device_put(jnp.broadcast_to(jnp.arange(2, dtype=a.dtype), a.shape), a.sharding)
+
+    tm = tm.replace(frozen=jax.tree_util.tree_map_with_path(route_to_0_and_1, tm.frozen))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16)).astype(np.int32)
+    metrics = jax.jit(lambda t, x: losses.loss(t, x, jnp.ones_like(x), mtp_weight=0.0)[1])(
+        tm, tm.place_batch(tokens)
+    )
+    assert float(metrics["moe_dropped"]) == want

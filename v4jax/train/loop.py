@@ -4,7 +4,8 @@
 
 - `metrics.jsonl`: one JSON object per optimizer step, steps numbered from 1 (`step`, `loss`,
   its parts `ce` / `mtp` / `balance` / `indexer`, `grad_norm`, `lr`, `tokens_per_s`,
-  `load_max_over_mean`, and `heldout_loss` / `heldout_ppl` on evaluation steps);
+  `load_max_over_mean`, `moe_dropped` (routed assignments a `moe_buffer` bound dropped), and
+  `heldout_loss` / `heldout_ppl` on evaluation steps);
 - `checkpoints/<step>/`: Orbax checkpoints of the whole train state and the data position
   (`checkpoint.py`), every `save_every` steps and at the end;
 - `loss.png`: the loss curves; `run.json`: the run's configuration and a summary.
