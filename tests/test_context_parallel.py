@@ -25,7 +25,7 @@ import sharding
 import v4jax
 from sharding.train_plan import collective_bytes
 from v4jax.checkpoint.names import layer_slots
-from v4jax.model import context_parallel
+from v4jax.model import context_parallel, indexer
 from v4jax.train import losses
 from v4jax.train.model import trainable
 
@@ -114,6 +114,34 @@ def test_context_parallel_attention_equals_unsharded(model, mesh, layer, stage):
     for line in hlo.splitlines():
         if "all-gather" in line or "collective-permute" in line:
             assert f",{S}," not in line and f"[{B // 2},{S}," not in line, line
+
+
+def _close(got, want) -> None:
+    """Output, KL, query count and every gradient within this module's tolerances."""
+    (_, (o1, kl1, n1)), (g1, gu1) = got
+    (_, (o0, kl0, n0)), (g0, gu0) = want
+    assert _rel(o1, o0) <= 1e-6 and _rel(gu1, gu0) <= 1e-6
+    np.testing.assert_allclose(kl1, kl0, rtol=1e-6)
+    assert float(n1) == float(n0) and float(kl0) > 0
+    a, b = jax.tree.leaves(g1), jax.tree.leaves(g0)
+    num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(a, b, strict=True))
+    assert (num / sum(float(np.sum(y**2)) for y in b)) ** 0.5 <= 1e-6
+
+
+def test_indexer_query_chunks_equal_one_chunk(model, mesh, monkeypatch):
+    """`Indexer.pick` in chunks of queries (its [B, c, H, C] logits bounded by SCORE_BUDGET)
+    equals the whole sequence at once, forward and backward, unsharded (2 x 520 queries over
+    130 entries: chunks of 7, the last padded) and with the sequence over 4 context shards
+    (1 x 130 local queries over all 130 entries: chunks of 14, the last padded). Rows are
+    independent; only the gradients' sums over queries are split (1e-6)."""
+    attn = _attention(model, CSA)
+    want = _run(attn, "sparse")
+    h = attn.cfg.index_heads
+    monkeypatch.setattr(indexer, "SCORE_BUDGET", B * h * (S // 4) * 7)
+    _close(_run(attn, "sparse"), want)
+    got, hlo = _run(attn, "sparse", mesh)
+    _close(got, want)
+    assert '"known_trip_count":{"n":"10"}' in hlo  # the loop over 10 chunks is there
 
 
 def test_context_parallel_lengths_are_checked(model):

@@ -25,7 +25,7 @@ from v4jax.config import Attn, ModelConfig
 from v4jax.kernels.sparse_attention import sparse_attention
 from v4jax.model import context_parallel, remat
 from v4jax.model.compressor import Compressor, quant_kv_nope
-from v4jax.model.indexer import Indexer, indexer_kl
+from v4jax.model.indexer import Indexer, entry_visible, indexer_kl
 from v4jax.model.layers import (
     F32,
     HI,
@@ -137,13 +137,19 @@ class Attention(nnx.Module):
             n = entries.shape[1]
             vis = jnp.broadcast_to(entry_visible(jnp.arange(s), n, self.ratio), (b, s, n))
             core["comp"] = jnp.where(vis, jnp.arange(n), -1)
-            if self.indexer is not None and indexer == "off":
-                core["comp"] = self.indexer(u, qr, pos, self.indexer.compressor(u), vis)
-            elif self.indexer is not None and n:
-                ix, (ud, qd) = self.indexer, (jax.lax.stop_gradient(a) for a in (u, qr))
-                core["scores"] = ix.scores(ud, ix.queries(qd, pos), ix.compressor(ud))
-                if indexer == "sparse":
-                    core["comp"] = ix.select(core["scores"], vis)
+            ix = self.indexer
+            if ix is not None and n:  # training stages: the indexer reads detached inputs
+                ud, qd = (
+                    (u, qr) if indexer == "off" else (jax.lax.stop_gradient(a) for a in (u, qr))
+                )
+                w, iq, keys = ix.head_weights(ud), ix.queries(qd, pos), ix.compressor(ud)
+                if indexer == "dense":  # KL over every visible entry: their scores
+                    sc = ix.weighted_scores(w, iq, keys)
+                    core["scores"] = jnp.take_along_axis(sc, jnp.maximum(core["comp"], 0), -1)
+                else:  # the top-k, and for the KL their scores
+                    core["comp"], picked = ix.pick(w, iq, keys, jnp.arange(s), self.ratio)
+                    if indexer == "sparse":
+                        core["scores"] = picked
         o, kl = self._mix(core)
         return remat.name(self.project(o, pos), "attn_out"), kl
 
@@ -187,15 +193,15 @@ class Attention(nnx.Module):
         q, pool = remat.name(q, "attn_q"), remat.name(pool, "attn_kv")
         return self.attend(q, pool, idx.astype(jnp.int32), sink), kl
 
-    def _indexer_kl(self, q, pool, idx, comp, scores, sink=None):
-        """KL(p || softmax(index scores)) over the entries `comp` [B, S, k] of each query:
-        p = this layer's attention probabilities of those entries (the sink and the window in
-        the denominator, as the attention uses them), summed over heads (detached)."""
+    def _indexer_kl(self, q, pool, idx, comp, logits, sink=None):
+        """KL(p || softmax(index scores)) over the entries `comp` [B, S, k] of each query, whose
+        index scores are `logits` [B, S, k]: p = this layer's attention probabilities of those
+        entries (the sink and the window in the denominator, as the attention uses them),
+        summed over heads (detached)."""
         sg = jax.lax.stop_gradient
         sink = self.attn_sink[...] if sink is None else sink
         probs = attention_probs(sg(q), sg(pool), idx, sg(sink), self.cfg)
         mass = jnp.sum(probs[..., -comp.shape[-1] :], axis=2)  # [B, S, k]
-        logits = jnp.take_along_axis(scores, jnp.maximum(comp, 0), axis=-1)
         return indexer_kl(sg(mass), logits, comp >= 0)
 
     def _freqs(self) -> np.ndarray:
@@ -247,9 +253,3 @@ def prefill_window_idx(s: int, window: int) -> jnp.ndarray:
     t = jnp.arange(s)[:, None]
     rows = jnp.maximum(t - window + 1, 0) + jnp.arange(min(s, window))[None, :]
     return jnp.where(rows > t, -1, rows).astype(jnp.int32)
-
-
-def entry_visible(t: jnp.ndarray, n: int, ratio: int) -> jnp.ndarray:
-    """Entry i is visible to query t iff its block is complete: (i + 1) r <= t + 1 (reference
-    `get_compress_topk_idxs`)."""
-    return jnp.arange(n)[None, :] < ((t + 1) // ratio)[:, None]

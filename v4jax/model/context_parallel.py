@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from sharding import constraints
 from v4jax.model import remat
+from v4jax.model.indexer import entry_visible
 
 __all__ = ["attention", "check_lengths", "traffic"]
 
@@ -180,18 +181,17 @@ def attention(attn, u: jnp.ndarray, stage: str, ctx: tuple[str, ...]):
         if attn.ratio:
             entries = _compress(attn.compressor, *a["c"], **gather)
             n = entries.shape[1]
-            vis = jnp.broadcast_to(
-                jnp.arange(n)[None, :] < ((g + 1) // attn.ratio)[:, None], (bl, s, n)
-            )
+            vis = jnp.broadcast_to(entry_visible(g, n, attn.ratio), (bl, s, n))
             every = jnp.where(vis, jnp.arange(n), -1)
             comp, scores = every, None
             if ix is not None and n:
                 keys = _compress(ix.compressor, *a["ic"], **gather)
-                sc = ix.weighted_scores(a["iw"], a["iq"], keys)
-                if stage == "off":
-                    comp = ix.select(sc, vis)
-                else:
-                    scores, comp = sc, every if stage == "dense" else ix.select(sc, vis)
+                if stage == "dense":  # KL over every visible entry: their scores
+                    sc = ix.weighted_scores(a["iw"], a["iq"], keys)
+                    scores = jnp.take_along_axis(sc, jnp.maximum(every, 0), axis=-1)
+                else:  # the top-k, and for the KL their scores
+                    comp, picked = ix.pick(a["iw"], a["iq"], keys, g, attn.ratio)
+                    scores = None if stage == "off" else picked
             idx = jnp.concatenate([idx, jnp.where(comp >= 0, comp + buf.shape[1], -1)], axis=-1)
             pool = jnp.concatenate([pool, entries], axis=1)
             if scores is not None:

@@ -7,6 +7,8 @@ I[t, i] = sum_h w_h ReLU(q_h . k_i), computed with the reference's bf16 rounding
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,17 @@ from v4jax.config import ModelConfig
 from v4jax.model.compressor import Compressor
 from v4jax.model.layers import F32, Linear, act_einsum, freq_tuple, rope
 from v4jax.numerics import Precision, fp4_quant_dequant, hadamard
+
+# Elements of one query chunk's [B, c, H, C] index logits in `Indexer.pick` (1 GiB of float32):
+# at 4K tokens (C = 1K entries, H = 64) a whole sequence is one chunk; at 64K on 8 context
+# shards a chunk is 256 queries, at 1M on 64 shards 16.
+SCORE_BUDGET = 1 << 28
+
+
+def entry_visible(t: jnp.ndarray, n: int, ratio: int) -> jnp.ndarray:
+    """Entry i is visible to query t iff its block is complete: (i + 1) r <= t + 1 (reference
+    `get_compress_topk_idxs`)."""
+    return jnp.arange(n)[None, :] < ((t + 1) // ratio)[:, None]
 
 
 class Indexer(nnx.Module):
@@ -70,6 +83,38 @@ class Indexer(nnx.Module):
         if min(self.topk, keys.shape[1]) == 0:
             return jnp.zeros(u.shape[:2] + (0,), jnp.int32)
         return self.select(self.scores(u, self.queries(qr, pos), keys), visible)
+
+    def pick(self, w, q, keys, t, ratio: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The top-k visible entries of each query and their index scores, a chunk of queries
+        at a time: head weights w [B, S, H], queries q [B, S, H, K], keys [B, C, K], query
+        positions t [S] (entries visible as `entry_visible(t, C, ratio)`) -> (entry indices
+        [B, S, k] int32, -1 none; their scores [B, S, k], 0 at -1). Rows are independent, so
+        this equals `select(weighted_scores(...))` row for row; only c queries' [B, c, H, C]
+        logits exist at once (c B H C <= SCORE_BUDGET), and the backward pass recomputes
+        each chunk's instead of keeping them."""
+        (b, s, h), n = w.shape, keys.shape[1]
+        if min(self.topk, n) == 0:
+            return jnp.zeros((b, s, 0), jnp.int32), jnp.zeros((b, s, 0), w.dtype)
+        c = max(1, min(s, SCORE_BUDGET // (b * h * n)))
+        rows = functools.partial(self._pick_rows, keys=keys, ratio=ratio)
+        if c == s:
+            return rows(w, q, t)
+        m = -(-s // c)
+
+        def chunks(a):  # [B, S, ...] -> [m, B, c, ...], padded queries at the end
+            a = jnp.pad(a, [(0, 0), (0, m * c - s)] + [(0, 0)] * (a.ndim - 2))
+            return jnp.moveaxis(a.reshape(b, m, c, *a.shape[2:]), 1, 0)
+
+        t = jnp.pad(t, (0, m * c - s), constant_values=-1).reshape(m, c)  # sees no entry
+        out = jax.lax.map(jax.checkpoint(lambda x: rows(*x)), (chunks(w), chunks(q), t))
+        return tuple(jnp.moveaxis(a, 0, 1).reshape(b, m * c, -1)[:, :s] for a in out)
+
+    def _pick_rows(self, w, q, t, *, keys, ratio: int):
+        scores = self.weighted_scores(w, q, keys)
+        vis = jnp.broadcast_to(entry_visible(t, keys.shape[1], ratio), scores.shape)
+        idx = self.select(scores, vis)
+        at = jnp.take_along_axis(scores, jnp.maximum(idx, 0), axis=-1)
+        return idx, jnp.where(idx >= 0, at, 0)
 
     def select(self, scores: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
         """Index scores [B, S, C] -> the top-k visible entries [B, S, min(topk, C)] (-1 where
