@@ -35,12 +35,13 @@ class Block(nnx.Module):
         x = self.hc_ffn.post(self.ffn(self.ffn_norm(y), ids), x, post, comb)
         return constrain(x, STREAMS)
 
-    def forward_train(self, x: jnp.ndarray, ids: jnp.ndarray, indexer: str = "off"):
+    def forward_train(self, x: jnp.ndarray, ids: jnp.ndarray, indexer: str = "off", tail: int = 0):
         """`__call__` plus the block's training statistics (`v4jax.train.losses`): streams
         [B, S, N, D] and {"counts": tokens per routed expert [E], "balance": the router's
         sequence-wise balance term [], "kl" / "kl_queries": indexer KL summed over queries and
         their number [] (0 outside CSA layers or with indexer="off"), "moe_dropped": routed
-        assignments a bounded expert-parallel buffer dropped [] (`moe_parallel.buffer`)}."""
+        assignments a bounded expert-parallel buffer dropped [] (`moe_parallel.buffer`)}; the
+        router statistics leave out the last `tail` positions."""
         y, post, comb = self.hc_attn.pre(x)
         a, (kl, nq) = self.attn.forward_train(self.attn_norm(y), indexer)
         x = self.hc_attn.post(a, x, post, comb)
@@ -48,7 +49,7 @@ class Block(nnx.Module):
         h = self.ffn_norm(y)
         f, dropped = self.ffn.forward_train(h, ids)
         x = self.hc_ffn.post(f, x, post, comb)
-        counts, balance = self.ffn.gate.stats(h, ids)
+        counts, balance = self.ffn.gate.stats(h, ids, tail)
         aux = {"counts": counts, "balance": balance, "kl": kl, "kl_queries": nq}
         aux["moe_dropped"] = dropped
         return constrain(x, STREAMS), aux

@@ -54,23 +54,31 @@ class Router(nnx.Module):
         _, top = jax.lax.top_k(scores + self.bias[...], self.k)
         return top.astype(jnp.int32)
 
-    def stats(self, x: jnp.ndarray, ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def stats(self, x: jnp.ndarray, ids: jnp.ndarray, tail: int = 0):
         """x [B, S, D] (the MoE input), ids [B, S] -> (tokens routed to each expert [E],
-        sequence-wise balance term [], 0 for hash layers), float32 (`balance_stats`)."""
+        sequence-wise balance term [], 0 for hash layers), float32 (`balance_stats`), over
+        the first S - `tail` positions of each sequence (the MTP's last has no token)."""
         scores = self.scores(x)
-        counts, balance = self.balance_stats(scores, self.select(scores, ids))
+        counts, balance = self.balance_stats(scores, self.select(scores, ids), tail)
         return counts, jnp.zeros((), F32) if self.hash_routed else balance
 
     @staticmethod
-    def balance_stats(scores: jnp.ndarray, top: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def balance_stats(scores: jnp.ndarray, top: jnp.ndarray, tail: int = 0):
         """Affinities [B, S, E], picks [B, S, k] -> (tokens per expert [E], mean over sequences
         of sum_i f_i P_i []) with f_i = E / (k S) * (picks of i in the sequence) and P_i =
         mean over the sequence of s_i / sum_j s_j (V3 report §2.1.2, kept by
-        V4 report §2.1). f carries no gradient, P does (through the affinities)."""
+        V4 report §2.1), over the first S - `tail` positions (S counts those). f carries no
+        gradient, P does (through the affinities)."""
         (_, s, e), k = scores.shape, top.shape[-1]
         hits = jnp.sum(jax.nn.one_hot(top, e, dtype=scores.dtype), axis=-2)  # [B, S, E]
+        share = scores / jnp.sum(scores, axis=-1, keepdims=True)
+        if tail:  # weights, not a slice: the sequence keeps its length (and its sharding)
+            keep = (jnp.arange(s) < s - tail)[None, :, None]
+            hits, share, s = jnp.where(keep, hits, 0.0), jnp.where(keep, share, 0.0), s - tail
+            p = jnp.sum(share, axis=1) / s
+        else:
+            p = jnp.mean(share, axis=1)
         f = jnp.sum(hits, axis=1) * (e / (k * s))
-        p = jnp.mean(scores / jnp.sum(scores, axis=-1, keepdims=True), axis=1)
         return jnp.sum(hits, axis=(0, 1)), jnp.mean(jnp.sum(f * p, axis=-1))
 
 

@@ -97,12 +97,15 @@ class MTPBlock(nnx.Module):
         return self.forward_train(streams, emb, ids, head)[0]
 
     def forward_train(
-        self, streams, emb, ids, head: Head, indexer: str = "off", remat: str = "none"
+        self, streams, emb, ids, head: Head, indexer: str = "off", remat: str = "none", tail=0
     ):
-        """`__call__` plus the block's training statistics (`Block.forward_train`)."""
+        """`__call__` plus the block's training statistics (`Block.forward_train`; `tail`: the
+        last positions left out of them)."""
         x = self.e_proj(self.enorm(emb))[:, :, None, :].astype(F32)
         x = (x + self.h_proj(self.hnorm(streams)).astype(F32)).astype(emb.dtype)
-        run = rm.wrap(lambda blk, x, ids: blk.forward_train(x, ids, indexer), remat, in_scan=False)
+        run = rm.wrap(
+            lambda blk, x, ids: blk.forward_train(x, ids, indexer, tail), remat, in_scan=False
+        )
         x, aux = run(self.block, x, ids)
         return head(self.norm(self.hc_head(x))), aux
 
@@ -155,15 +158,17 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab")), x, stats
 
     def mtp_forward_train(
-        self, streams: jnp.ndarray, next_ids: jnp.ndarray, indexer="off", remat: str = "none"
+        self, streams: jnp.ndarray, next_ids, indexer="off", remat: str = "none", tail: int = 0
     ):
         """MTP logits [B, S, V] from main streams [B, S, N, D] and next_ids [B, S] (position i
-        holds token i + 1; the logits predict token i + 2), and the block's statistics."""
+        holds token i + 1; the logits predict token i + 2), and the block's statistics (of
+        all but the last `tail` positions)."""
         if self.mtp is None:
             raise ValueError("this config has no MTP block (num_mtp_layers=0)")
         emb = self.embed_tokens(next_ids)
         mtp = gathered(self.mtp)  # its weights gathered for use (on a mesh), as a scanned layer's
-        return mtp.forward_train(streams, emb, next_ids, gathered(self.head), indexer, remat)
+        head = gathered(self.head)
+        return mtp.forward_train(streams, emb, next_ids, head, indexer, remat, tail)
 
     def mtp_logits(self, ids: jnp.ndarray, next_ids: jnp.ndarray) -> jnp.ndarray:
         """MTP logits [B, S, V]: main streams of ids, MTP fed with next_ids (ids shifted by 1)."""

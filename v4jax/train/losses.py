@@ -77,6 +77,11 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, weight: jnp.ndarray
     return jnp.sum(nll * w), jnp.sum(w)
 
 
+def _ahead(a: jnp.ndarray, k: int, fill) -> jnp.ndarray:
+    """[B, S] -> [B, S]: position i holds a[:, i + k], the last k positions `fill`."""
+    return jnp.pad(a[:, k:], ((0, 0), (0, k)), constant_values=fill)
+
+
 def mtp_mask(mask: jnp.ndarray) -> jnp.ndarray:
     """Target mask [..., S] -> the MTP's [..., S - 2]: token i + 2 (predicted at i from token
     i + 1) counts when tokens i + 1 and i + 2 are both targets, so an MTP target never reaches
@@ -117,14 +122,18 @@ def loss(
 def _loss(model, tokens, mask, stage, remat, mtp_weight, balance_weight, indexer_weight):
     module = model.module()
     logits, streams, stats = module.forward_train(tokens, stage, remat)
-    lm_sum, n = cross_entropy(logits[:, :-1], tokens[:, 1:], mask[:, 1:])
+    # Every array keeps the sequence's S positions (targets shifted in, the tail weighted 0),
+    # so a sequence split over context shards stays split (S - 1 would not divide).
+    lm_sum, n = cross_entropy(logits, _ahead(tokens, 1, 0), _ahead(mask, 1, 0))
     lm = lm_sum / jnp.maximum(n, 1.0)
     mtp = jnp.zeros((), F32)
     if mtp_weight and module.mtp is not None and tokens.shape[1] > 2:
+        # position S - 1 has no next token: fed token 0, left out of the loss and statistics
         m_logits, stats["mtp.block"] = module.mtp_forward_train(
-            streams[:, :-1], tokens[:, 1:], stage, remat
+            streams, _ahead(tokens, 1, 0), stage, remat, tail=1
         )
-        m_sum, m_n = cross_entropy(m_logits[:, :-1], tokens[:, 2:], mtp_mask(mask))
+        weight = jnp.pad(mtp_mask(mask), ((0, 0), (0, 2)))
+        m_sum, m_n = cross_entropy(m_logits, _ahead(tokens, 2, 0), weight)
         mtp = m_sum / jnp.maximum(m_n, 1.0)
     balance = sum(jnp.sum(a["balance"]) for a in stats.values())
     kl_n = sum(jnp.sum(a["kl_queries"]) for a in stats.values())
