@@ -45,10 +45,11 @@ def test_each_policy_keeps_what_it_names(setup):
     assert kept["tensors"][0] == set(remat.TENSORS)
     assert kept["save:attn_out"][0] == {"attn_out"}
     # "offload": the same residuals, the named ones in host memory: attn_out [B, S, D]
-    # float32 of the 4 scanned layers (S = 32) and of the MTP block (S - 1 = 31)
+    # float32 of the 4 scanned layers and of the MTP block, all on S = 32 positions (the
+    # MTP's last one has no target but keeps the sequence's length: losses._loss)
     named, total, host = kept["offload:attn_out"]
     assert named == set() and total == kept["save:attn_out"][1]
-    assert host == (4 * 2 * 32 + 2 * 31) * 256 * 4
+    assert host == (4 * 2 * 32 + 2 * 32) * 256 * 4
     assert all(k[2] == 0 for p, k in kept.items() if not p.startswith("offload"))
     # Memory between forward and backward: each policy keeps less than the one above it.
     sizes = [kept[p][1] for p in ("none", "tensors", "save:attn_out", "block")]
