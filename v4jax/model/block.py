@@ -50,6 +50,5 @@ class Block(nnx.Module):
         f, dropped = self.ffn.forward_train(h, ids)
         x = self.hc_ffn.post(f, x, post, comb)
         counts, balance = self.ffn.gate.stats(h, ids, tail)
-        aux = {"counts": counts, "balance": balance, "kl": kl, "kl_queries": nq}
-        aux["moe_dropped"] = dropped
+        aux = dict(counts=counts, balance=balance, kl=kl, kl_queries=nq, moe_dropped=dropped)
         return constrain(x, STREAMS), aux

@@ -22,15 +22,16 @@ of a [n, capacity, ...] buffer (capacity: the worst case of one source-destinati
 tests run the same index arithmetic. `impl` ("auto", "ragged", "dense", "gather"), or the
 `dispatch(...)` context, picks the exchange; "auto" chooses per platform at lowering time.
 
+"gather" is the earlier dispatch (every token all-gathered to every rank, a dense scan of the
+local experts, reduce-scatter), kept as a reference for tests and traffic comparisons.
+
 `buffer(factor)` bounds the receive buffer at `factor` times a balanced load (T k rows, the
 rows each rank sends) instead of the dropless worst case n T min(k, E / n) (8x a balanced
 load on 8 ranks at k = 6): every buffer of the exchange and the expert computation on it
-shrinks by that ratio, and the assignments that do not fit on their destination (the
-highest-expert rows of each source slice past the receiver's bound) are dropped (their
-outputs are 0) and counted: `expert_parallel(..., with_dropped=True)`, the train step's
-`moe_dropped` metric. The default (None) is dropless.
-"gather" is the earlier dispatch (every token all-gathered to every rank, a dense scan of the
-local experts, reduce-scatter), kept as a reference for tests and traffic comparisons.
+shrinks by that ratio. A receiver keeps the sources' rows in rank order (each source's slice
+in expert order) up to the bound; the rest are dropped (their outputs are 0) and counted:
+`expert_parallel(..., with_dropped=True)`, the train step's `moe_dropped` metric. The default
+(None) is dropless.
 """
 
 from __future__ import annotations
