@@ -61,15 +61,16 @@ def measure(cfg, mesh, layout: str, hlo_dir: pathlib.Path | None = None) -> dict
     from sharding.train_plan import collective_bytes
     from v4jax.numerics.policy import jit
     from v4jax.train import make_optimizer
-    from v4jax.train.optim import OptimConfig, partition
+    from v4jax.train.optim import OptimConfig, partition, spec_table
 
     plan = _plan()
     _, state, (_, sched) = plan.abstract_train_state(cfg, mesh, sharding.TRAIN, "muon")
     opt = make_optimizer(state.params, schedule=sched, config=OptimConfig(muon_layout=layout))
     shard = jax.tree.map(lambda a: a.sharding, state)
+    stored = spec_table(shard.params)  # as the train step declares them
 
     def update(grads, opt_state, params):
-        with sharding.use_rules(mesh, sharding.TRAIN):
+        with sharding.use_rules(mesh, sharding.TRAIN), sharding.constraints.stored_specs(stored):
             return opt.update(grads, opt_state, params)
 
     fn = jit(

@@ -63,6 +63,12 @@ def _parser() -> cli.Parser:
         help="expert-parallel receive buffer = this x a balanced load (default: dropless)",
     )
     t.add_argument("--json", help="write the plan's numbers to this file")
+    t.add_argument(
+        "--layers",
+        type=int,
+        help="plan only the first N layers (and the MTP block): a quicker, reduced-depth "
+        "compile for finding what sets the peak (default: all)",
+    )
     return p
 
 
@@ -86,7 +92,7 @@ def check_flags(ap: cli.Parser, a: argparse.Namespace) -> dict[str, int]:
 
 def _check_train_flags(ap: cli.Parser, a: argparse.Namespace) -> None:
     """The --train flags: refused without --train, checked and defaulted with it."""
-    given = [f for f in ("optimizer", "remat", "accum", "moe_buffer", "json")]
+    given = [f for f in ("optimizer", "remat", "accum", "moe_buffer", "json", "layers")]
     given = [f for f in given if getattr(a, f) is not None]
     if not a.train:
         if given:
@@ -109,6 +115,12 @@ def _check_train_flags(ap: cli.Parser, a: argparse.Namespace) -> None:
         ap.fail(f"--moe-buffer must be >= 1 (a balanced load), not {a.moe_buffer}")
     if a.seq < 2:
         ap.fail(f"--seq must be >= 2 with --train (next-token targets), not {a.seq}")
+    if a.layers is not None:
+        import v4jax
+
+        full = getattr(v4jax.config, a.model)().num_layers
+        if not 1 <= a.layers <= full:
+            ap.fail(f"--layers must be in [1, {full}] for {a.model}, not {a.layers}")
     if a.json is not None:
         folder = os.path.dirname(os.path.abspath(a.json))
         if not os.path.isdir(folder):
@@ -269,6 +281,14 @@ def plan_train(
     )
 
 
+def first_layers(cfg, n: int):
+    """`cfg` cut to its first `n` layers (hash-routed ones included), the MTP block kept."""
+    ratios = cfg.layer_ratios[:n] + cfg.mtp_ratios
+    return cfg.replace(
+        num_layers=n, num_hash_layers=min(n, cfg.num_hash_layers), compress_ratios=ratios
+    )
+
+
 def _main_train(a: argparse.Namespace) -> int:
     import json
 
@@ -277,6 +297,8 @@ def _main_train(a: argparse.Namespace) -> int:
     from sharding.train_plan import verdict
 
     cfg = getattr(v4jax.config, a.model)()
+    if a.layers is not None:
+        cfg = first_layers(cfg, a.layers)
     mesh = sharding.make_mesh(a.mesh)
     r = plan_train(
         cfg,
@@ -290,11 +312,19 @@ def _main_train(a: argparse.Namespace) -> int:
         moe_buffer=a.moe_buffer,
     )
     fits, over = verdict(r["need"], a.hbm_gb * 1e9, a.reserve)
-    r.update(model=a.model, hbm_gb=a.hbm_gb, reserve=a.reserve, fits=fits, over=over)
+    r.update(
+        model=a.model,
+        layers=cfg.num_layers,
+        hbm_gb=a.hbm_gb,
+        reserve=a.reserve,
+        fits=fits,
+        over=over,
+    )
     gb = lambda n: f"{n / 1e9:9.2f} GB"
     pd = lambda k: f"{k:<26}{gb(r[k]['per_device'])}  (total {gb(r[k]['total']).strip()})"
     m = r["memory"]
-    print(f"model {a.model}  mesh {r['mesh']}  rules {r['rules']}  optimizer {a.optimizer}")
+    depth = "" if a.layers is None else f" (first {cfg.num_layers} layers only)"
+    print(f"model {a.model}{depth}  mesh {r['mesh']}  rules {r['rules']}  optimizer {a.optimizer}")
     print(f"compiled train step: tokens {r['tokens']} (micro-batches, batch, seq), remat {a.remat}")
     buf = "dropless" if a.moe_buffer is None else f"{a.moe_buffer:g} x a balanced load"
     print(f"expert-parallel receive buffer: {buf}")

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.mesh import auto
 from sharding.rules import Rules, rules_for
-from sharding.specs import param_spec, resolve, zero_fill
+from sharding.specs import owner_moves, param_spec, resolve, zero_fill
 
 __all__ = [
     "active",
@@ -36,6 +36,8 @@ __all__ = [
     "gathered_param",
     "mesh_axes",
     "shard_map",
+    "stored_spec",
+    "stored_specs",
     "use_rules",
     "whole_matrices",
 ]
@@ -55,6 +57,29 @@ def use_rules(mesh: Mesh, rules: Rules | str) -> Iterator[None]:
     """Activates the activation rules of `rules` on `mesh` for model code traced inside."""
     with _ACTIVE(_Context(auto(mesh), rules_for(rules))):
         yield
+
+
+_STORED = jax.make_user_context(default_value=None)  # tuple of (path, PartitionSpec) or None
+
+
+@contextlib.contextmanager
+def stored_specs(specs: dict[tuple[str, ...], PartitionSpec] | None) -> Iterator[None]:
+    """Declares where each parameter is stored (path of names -> PartitionSpec) for code traced
+    inside that only sees arrays, such as the optimizer (`whole_matrices(stored=...)`)."""
+    value = None if specs is None else tuple(sorted(specs.items()))
+    with _STORED(value):
+        yield
+
+
+def stored_spec(path: tuple[str, ...]) -> PartitionSpec | None:
+    """The PartitionSpec `stored_specs` declared for the parameter at `path`, else None."""
+    table = _stored_table(_STORED.value)
+    return None if table is None else table.get(tuple(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _stored_table(value):
+    return None if value is None else dict(value)
 
 
 def active() -> bool:
@@ -184,23 +209,38 @@ def shard_map(f: Callable, *, in_specs, out_specs, check_vma: bool = False) -> C
     )
 
 
-def whole_matrices(x: jax.Array, layout: str = "owner") -> jax.Array:
+def whole_matrices(
+    x: jax.Array, layout: str = "owner", stored: PartitionSpec | None = None, back: bool = False
+) -> jax.Array:
     """`x` [..., O, I], a stack of matrices about to go through a per-matrix computation
-    (Muon's Newton-Schulz), constrained so that every device holds whole matrices.
+    (Muon's Newton-Schulz), constrained so that every device holds whole matrices; with `back`,
+    the result of that computation returned to `stored`.
 
-    "owner" (hybrid ZeRO): the stack dims are split over the rules' `zero` axes that divide
-    them, so each device orthogonalises only the matrices it is assigned, locally; moving them
-    there from the ZeRO shards (and the results back) is an all-to-all of the device's own
-    share. "replicated": every device gets every matrix (the naive gather-all). "sharded": no
-    constraint (GSPMD runs each matmul on the ZeRO shards, with collectives in every step).
-    Identity without rules, or rules without `zero` axes."""
+    "owner" (hybrid ZeRO): the stack dims are split over the mesh axes, so each device
+    orthogonalises only the matrices it is assigned, locally; moving them there from the ZeRO
+    shards (and the results back) is an all-to-all of the device's own share. With `stored`
+    (the leaf's own PartitionSpec) the move goes one mesh axis at a time (`owner_moves`: the
+    axes already on the stack dims stay, each matrix-dim axis joins them), else the stack dims
+    are split over the rules' `zero` axes from scratch. "replicated": every device gets every
+    matrix (the naive gather-all). "sharded": no constraint (GSPMD runs each matmul on the ZeRO
+    shards, with collectives in every step). Identity without rules, or rules without `zero`
+    axes."""
     if layout not in ("owner", "replicated", "sharded"):
         raise ValueError(f"layout={layout!r}: expected 'owner', 'replicated' or 'sharded'")
     ctx = _ACTIVE.value
     if ctx is None or not ctx.rules.zero or layout == "sharded" or x.ndim < 2:
         return x
-    spec = PartitionSpec(*[None] * x.ndim)
-    if layout == "owner":
+    mesh_shape = dict(ctx.mesh.shape)
+    if layout == "replicated":
+        chain = [PartitionSpec()]
+    elif stored is not None and len(stored) <= x.ndim:
+        chain = owner_moves(stored, x.shape, mesh_shape)
+    else:
+        spec = PartitionSpec(*[None] * x.ndim)
         mats = frozenset((x.ndim - 2, x.ndim - 1))
-        spec = zero_fill(spec, x.shape, dict(ctx.mesh.shape), ctx.rules.zero, mats)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+        chain = [zero_fill(spec, x.shape, mesh_shape, ctx.rules.zero, mats)]
+    if back:  # the same steps in reverse, ending where the leaf lives
+        chain = chain[-1:] if stored is None else chain[-2::-1] + [stored]
+    for spec in chain:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+    return x

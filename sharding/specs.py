@@ -28,6 +28,7 @@ __all__ = [
     "param_specs",
     "resolve",
     "state_shardings",
+    "owner_moves",
     "zero_fill",
 ]
 
@@ -91,6 +92,37 @@ def zero_fill(
             parts[i] += (a,)
             used.add(a)
     return PartitionSpec(*(None if not p else p[0] if len(p) == 1 else p for p in parts))
+
+
+def owner_moves(
+    stored: PartitionSpec, shape: tuple[int, ...], mesh_shape: Mapping[str, int]
+) -> list[PartitionSpec]:
+    """From a stack of matrices [..., O, I] stored as `stored` to a layout where every device
+    holds whole matrices (Muon's owner layout), one mesh axis at a time: the specs in between
+    and, last, the owner spec. Each step takes the minor-most axis off a matrix dim and appends
+    it to the stack dim with the largest shard it still divides (an all-to-all), or, where no
+    stack dim can take it, drops it (an all-gather over that axis). Stack axes already there
+    stay. One axis per step because XLA's partitioner reshards one moved axis as an all-to-all
+    but replicates the whole array when two move at once (measured: V4-Flash's routed experts
+    stored [expert, context, fsdp] on `context=8 x fsdp=2 x expert=8`)."""
+    parts = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in stored]
+    parts += [()] * (len(shape) - len(parts))
+    mats, stack = (len(shape) - 2, len(shape) - 1), range(len(shape) - 2)
+    out = []
+    for m in mats:
+        while parts[m]:
+            a = parts[m][-1]
+            parts[m] = parts[m][:-1]
+            split = [math.prod(mesh_shape[x] for x in p) for p in parts]
+            k = mesh_shape[a]
+            fits = [i for i in stack if shape[i] % (split[i] * k) == 0]
+            if fits:
+                i = max(fits, key=lambda j: (shape[j] // split[j], -j))
+                parts[i] += (a,)
+            out.append(
+                PartitionSpec(*(None if not p else p[0] if len(p) == 1 else p for p in parts))
+            )
+    return out
 
 
 def logical_axes(state: nnx.State) -> dict[Path, tuple[str | None, ...]]:

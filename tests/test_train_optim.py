@@ -428,3 +428,62 @@ def test_schedule_values():
         LRSchedule(peak=1e-3, warmup=10, decay_start=5, total=20)
     with pytest.raises(ValueError, match="peak"):
         LRSchedule(peak=0.0, decay_start=5000, total=6000)
+
+
+def test_owner_moves_take_one_axis_at_a_time():
+    """Muon's owner layout from a leaf's stored spec: each step takes one mesh axis off a
+    matrix dim (the minor-most) onto the stack dim with the largest shard it divides, or
+    drops it where none can take it; the last spec has whole matrices."""
+    import sharding
+
+    mesh = {"fsdp": 2, "context": 8, "expert": 8}
+    # V4-Flash's routed experts of one segment, stored as TRAIN + ZeRO place them:
+    chain = sharding.specs.owner_moves(
+        P(None, "expert", "context", "fsdp"), (20, 256, 2048, 4096), mesh
+    )
+    assert chain == [
+        P(None, ("expert", "context"), None, "fsdp"),
+        P("fsdp", ("expert", "context"), None, None),
+    ]
+    # a stack too short for `expert`: that axis is dropped (gathered), last
+    chain = sharding.specs.owner_moves(
+        P(None, None, ("fsdp", "context"), "expert"), (20, 2, 64, 64), mesh
+    )
+    assert chain == [
+        P(None, None, "fsdp", "expert"),
+        P("fsdp", None, None, "expert"),
+        P("fsdp", None, None, None),
+    ]
+    assert sharding.specs.owner_moves(P("expert"), (8, 64, 64), mesh) == []  # already whole
+
+
+def test_owner_layout_moves_only_the_own_share_on_a_context_mesh():
+    """Muon on `context=2 x fsdp=2 x expert=2` (TRAIN) with the stored specs declared, as the
+    train step declares them: an expert stack stored [expert, context, fsdp] is orthogonalised
+    whole matrices per device, reached by all-to-alls (no all-gather of the leaf), and the
+    update equals the unsharded one (same float32 ops per matrix; 1e-5: the global norm's
+    summation order)."""
+    import sharding
+    from sharding.train_plan import collective_bytes
+
+    shapes = {"segments": {0: {"blocks": {0: {"ffn": {"experts": {"w1": (2, 8, 16, 48)}}}}}}}
+    p, g = _rng_tree(shapes, 0), _rng_tree(shapes, 1)
+    mesh = sharding.make_mesh("context=2 x fsdp=2 x expert=2")
+    stored = P(None, "expert", "context", "fsdp")
+    put = lambda t: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, stored)), t)
+    opt = make_optimizer(p, schedule=1e-3)
+    want, _ = jax.jit(opt.update)(g, opt.init(p), p)
+    table = optim.spec_table(jax.tree.map(lambda _: NamedSharding(mesh, stored), p))
+    assert table == {("segments", "0", "blocks", "0", "ffn", "experts", "w1"): stored}
+
+    def update(g, s, p):
+        with sharding.use_rules(mesh, "train"), sharding.constraints.stored_specs(table):
+            return opt.update(g, s, p)
+
+    fn = jax.jit(update)
+    args = (put(g), jax.tree.map(put, opt.init(p)), put(p))
+    coll, _ = collective_bytes(fn.lower(*args).compile().as_text())
+    leaf = 2 * 8 * 16 * 48 * 4 // 8  # one device's share of the leaf, bytes
+    assert coll["all-gather"] == 0 and coll["all-to-all"] >= 2 * leaf, coll
+    got, _ = fn(*args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), got, want)

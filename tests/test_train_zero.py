@@ -166,7 +166,8 @@ def test_gathered_layers_are_right_where_the_partitioner_was_not():
     the weight used as stored (measured: value 0.32, gradient 0.62 relative; not asserted:
     that is XLA's to fix), right
     with `gathered`, which also hands the weight's gradient back in its ZeRO sharding. Value
-    and gradient equal the unsharded ones to 1e-6 (float32, the same sums)."""
+    and gradient equal the unsharded ones to 4e-6 (float32: the same terms, the loss summed
+    per device then across them; measured 0 on one CPU, 1.3e-6 on an AVX-512 one)."""
     graph, state = _stack(0)
     x = np.random.default_rng(1).normal(size=(8, 4, 16)).astype(np.float32)
     f = jax.jit(jax.value_and_grad(_scan_residual, argnums=1), static_argnums=(0, 3))
@@ -178,9 +179,9 @@ def test_gathered_layers_are_right_where_the_partitioner_was_not():
     xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
     with sharding.use_rules(mesh, "train"):
         got, got_g = f(graph, placed, xs, True)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=4e-6)
     g, g0 = np.asarray(got_g["w"].get_value()), np.asarray(want_g["w"].get_value())
-    assert np.max(np.abs(g - g0)) <= 1e-6 * np.max(np.abs(g0))
+    assert np.max(np.abs(g - g0)) <= 4e-6 * np.max(np.abs(g0))
     assert got_g["w"].get_value().sharding.spec == P(None, "expert", "tensor")
 
 

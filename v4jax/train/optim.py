@@ -163,19 +163,20 @@ def scale_by_muon(
     def init(params):
         return MuonState(mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params))
 
-    def direction(g, m):
+    def direction(path, g, m):
         if g.ndim < 2:
             raise ValueError(f"scale_by_muon: leaf of shape {g.shape} is not a matrix [..., O, I]")
         x = momentum * m + g if nesterov else m  # m is already M_t
         scale = rms * math.sqrt(max(g.shape[-2], g.shape[-1]))
-        x = constraints.whole_matrices(x, layout)  # on a mesh: whole matrices per device,
-        o = newton_schulz(x, coeffs, eps=eps, dtype=ns_dtype)  # orthogonalised there
-        return scale * constraints.whole_matrices(o, layout)
+        stored = constraints.stored_spec(path_names(path))  # where the leaf lives, if declared
+        x = constraints.whole_matrices(x, layout, stored)  # on a mesh: whole matrices per
+        o = newton_schulz(x, coeffs, eps=eps, dtype=ns_dtype)  # device, orthogonalised there
+        return scale * constraints.whole_matrices(o, layout, stored, back=True)
 
     def update(updates, state, params=None):
         del params
         mu = jax.tree.map(lambda g, m: momentum * m.astype(g.dtype) + g, updates, state.mu)
-        updates = jax.tree.map(direction, updates, mu)
+        updates = jax.tree_util.tree_map_with_path(direction, updates, mu)
         mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
         return updates, MuonState(mu=mu)
 
@@ -201,7 +202,7 @@ def add_decoupled_weight_decay(rates) -> optax.GradientTransformation:
 # --------------------------------------------------------------------------- parameter groups
 
 
-def _names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
     """A pytree key path -> its names as strings (dict keys, attribute names, list indices)."""
     keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
     return tuple(str(k) for k in keys)
@@ -242,17 +243,24 @@ def _group(names: tuple[str, ...], ndim: int) -> tuple[str, bool]:
     raise ValueError(f"partition: no optimizer rule for parameter {where} (see optim._group)")
 
 
+def spec_table(shardings) -> dict[tuple[str, ...], Any]:
+    """A params-shaped tree of NamedShardings -> {path of names: PartitionSpec}: where each
+    parameter lives, for `sharding.constraints.stored_specs` (Muon's owner layout)."""
+    flat = jax.tree_util.tree_leaves_with_path(shardings)
+    return {path_names(path): s.spec for path, s in flat if hasattr(s, "spec")}
+
+
 def partition(params) -> Any:
     """Trainable-parameter tree -> same tree of "muon" | "adamw" labels (§2.4, §4.2.2), by name."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: _group(_names(path), jnp.ndim(p))[0], params
+        lambda path, p: _group(path_names(path), jnp.ndim(p))[0], params
     )
 
 
 def weight_decay_mask(params) -> Any:
     """Trainable-parameter tree -> same tree of bools: True where decoupled decay applies."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: _group(_names(path), jnp.ndim(p))[1], params
+        lambda path, p: _group(path_names(path), jnp.ndim(p))[1], params
     )
 
 

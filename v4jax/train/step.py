@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sharding import constraints
 from v4jax.model import remat as remat_policy
 from v4jax.numerics.policy import jit
 from v4jax.train import losses
 from v4jax.train.model import TrainModel
+from v4jax.train.optim import spec_table
 
 __all__ = ["LossWeights", "TrainState", "init_state", "make_step"]
 
@@ -128,7 +130,8 @@ def make_step(
     layout = {} if shardings is None else {"state": shardings}  # on a mesh: kept by every step
 
     def step(state: TrainState, tokens, mask):
-        with tm.rules_context():
+        stored = spec_table(layout["state"].params) if layout else None  # for Muon's owner layout
+        with tm.rules_context(), constraints.stored_specs(stored):
             new, out = _step(state, tokens, mask)
         if layout:
             new = jax.tree.map(jax.lax.with_sharding_constraint, new, layout["state"])

@@ -44,6 +44,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from v4jax.kernels.sparse_attention.reference import chunk_size, from_chunks, to_chunks
+
 __all__ = ["backward_stats", "round_to", "sparse_attention_reference_bwd"]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -80,6 +82,23 @@ def sparse_attention_reference_bwd(
     *,
     scale: float,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:  # dq [B, S, H, D] q.dtype, dkv [B, N, D] kv.dtype
+    """Runs `chunk_size` queries at a time (as the forward), adding each chunk's rows into
+    one float32 dkv; padded queries have no entry and send nothing."""
+    b, s, _, d = q.shape
+    c = chunk_size(b, s, idx.shape[-1], d)
+    dkv = jnp.zeros(kv.shape, jnp.float32)
+    if c == s:
+        dkv, dq = _rows(dkv, (q, idx, lse, delta, g), kv, scale)
+        return dq, dkv.astype(kv.dtype)
+    xs = (to_chunks(q, c), to_chunks(idx, c, -1), to_chunks(lse, c), to_chunks(delta, c))
+    step = lambda acc, x: _rows(acc, x, kv, scale)
+    dkv, dq = jax.lax.scan(step, dkv, (*xs, to_chunks(g, c)))
+    return from_chunks(dq, s), dkv.astype(kv.dtype)
+
+
+def _rows(dkv, xs, kv, scale: float):
+    """One chunk of queries: (dkv + its scatter-add, its dq)."""
+    q, idx, lse, delta, g = xs
     b, n, _ = kv.shape
     f32, dt = jnp.float32, q.dtype
     rnd = lambda x: round_to(x, dt)  # a product operand in the input dtype
@@ -96,5 +115,5 @@ def sparse_attention_reference_bwd(
     c = c + jnp.einsum("bshk,bshd->bskd", rnd(p), gf, precision=_HI)  # [B, S, K, D]
     # Scatter-add in float32 (repeated rows add up); -1 entries go out of range and drop.
     target = jnp.where(valid, idx, n)
-    dkv = jnp.zeros(kv.shape, f32).at[jnp.arange(b)[:, None, None], target].add(c, mode="drop")
-    return dq.astype(dt), dkv.astype(kv.dtype)
+    dkv = dkv.at[jnp.arange(b)[:, None, None], target].add(c, mode="drop")
+    return dkv, dq.astype(dt)
