@@ -239,8 +239,10 @@ def whole_matrices(
         spec = PartitionSpec(*[None] * x.ndim)
         mats = frozenset((x.ndim - 2, x.ndim - 1))
         chain = [zero_fill(spec, x.shape, mesh_shape, ctx.rules.zero, mats)]
-    if back:  # the same steps in reverse, ending where the leaf lives
-        chain = chain[-1:] if stored is None else chain[-2::-1] + [stored]
+    if back:  # the same steps in reverse, ending where the leaf lives; the first constraint
+        # (the owner spec again) keeps the Newton-Schulz between two owner constraints, else
+        # XLA propagates `stored` back into its matmuls (measured: their GSPMD all-reduces)
+        chain = chain[-1:] if stored is None else chain[::-1] + [stored]
     for spec in chain:
         x = jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
     return x

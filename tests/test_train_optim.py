@@ -460,7 +460,8 @@ def test_owner_moves_take_one_axis_at_a_time():
 def test_owner_layout_moves_only_the_own_share_on_a_context_mesh():
     """Muon on `context=2 x fsdp=2 x expert=2` (TRAIN) with the stored specs declared, as the
     train step declares them: an expert stack stored [expert, context, fsdp] is orthogonalised
-    whole matrices per device, reached by all-to-alls (no all-gather of the leaf), and the
+    whole matrices per device, reached by all-to-alls (no all-gather of the leaf, and no
+    all-reduce: Newton-Schulz does not run on the stored shards), and the
     update equals the unsharded one (same float32 ops per matrix; 1e-5: the global norm's
     summation order)."""
     import sharding
@@ -485,5 +486,6 @@ def test_owner_layout_moves_only_the_own_share_on_a_context_mesh():
     coll, _ = collective_bytes(fn.lower(*args).compile().as_text())
     leaf = 2 * 8 * 16 * 48 * 4 // 8  # one device's share of the leaf, bytes
     assert coll["all-gather"] == 0 and coll["all-to-all"] >= 2 * leaf, coll
+    assert coll["all-reduce"] <= 64, coll  # the clipping norm's scalars; no GSPMD matmuls
     got, _ = fn(*args)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), got, want)
