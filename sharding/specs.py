@@ -28,6 +28,7 @@ __all__ = [
     "param_specs",
     "resolve",
     "state_shardings",
+    "OWNER_GATHER_BUDGET",
     "owner_moves",
     "zero_fill",
 ]
@@ -94,34 +95,48 @@ def zero_fill(
     return PartitionSpec(*(None if not p else p[0] if len(p) == 1 else p for p in parts))
 
 
+# Elements one device may hold of a leaf in Muon's owner layout when a mesh axis that no stack
+# dim divides is gathered (1 GiB of float32): beyond it the axis stays on its matrix dim.
+OWNER_GATHER_BUDGET = 1 << 28
+
+
 def owner_moves(
-    stored: PartitionSpec, shape: tuple[int, ...], mesh_shape: Mapping[str, int]
+    stored: PartitionSpec,
+    shape: tuple[int, ...],
+    mesh_shape: Mapping[str, int],
+    budget: int | None = None,
 ) -> list[PartitionSpec]:
-    """From a stack of matrices [..., O, I] stored as `stored` to a layout where every device
+    """From a stack of matrices [..., O, I] stored as `stored` to a layout where each device
     holds whole matrices (Muon's owner layout), one mesh axis at a time: the specs in between
     and, last, the owner spec. Each step takes the minor-most axis off a matrix dim and appends
     it to the stack dim with the largest shard it still divides (an all-to-all), or, where no
-    stack dim can take it, drops it (an all-gather over that axis). Stack axes already there
-    stay. One axis per step because XLA's partitioner reshards one moved axis as an all-to-all
-    but replicates the whole array when two move at once (measured: V4-Flash's routed experts
-    stored [expert, context, fsdp] on `context=8 x fsdp=2 x expert=8`)."""
+    stack dim can take it, drops it (an all-gather over that axis) if the device's share of
+    the leaf stays within `budget` elements (default `OWNER_GATHER_BUDGET`); else that matrix
+    dim keeps its axes (Newton-Schulz then runs split over them, with collectives: V4-Pro's
+    experts on `fsdp=16 x expert=16` hold 24 experts per expert rank, which fsdp does not
+    divide, and gathering them whole would put 61 GB of one leaf on every device). Stack axes
+    already there stay. One axis per step because XLA's partitioner reshards one moved axis as
+    an all-to-all but replicated the whole array when two moved at once (V4-Flash's routed
+    experts stored [expert, context, fsdp] on `context=8 x fsdp=2 x expert=8`)."""
+    budget = OWNER_GATHER_BUDGET if budget is None else budget
     parts = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in stored]
     parts += [()] * (len(shape) - len(parts))
     mats, stack = (len(shape) - 2, len(shape) - 1), range(len(shape) - 2)
+    spec = lambda: PartitionSpec(*(None if not p else p[0] if len(p) == 1 else p for p in parts))
+    share = lambda: math.prod(shape) // math.prod(mesh_shape[a] for p in parts for a in p)
     out = []
     for m in mats:
         while parts[m]:
-            a = parts[m][-1]
-            parts[m] = parts[m][:-1]
+            a, k = parts[m][-1], mesh_shape[parts[m][-1]]
             split = [math.prod(mesh_shape[x] for x in p) for p in parts]
-            k = mesh_shape[a]
             fits = [i for i in stack if shape[i] % (split[i] * k) == 0]
+            if not fits and share() * k > budget:
+                break  # gathering this axis would hold too much: it stays on the matrix dim
+            parts[m] = parts[m][:-1]
             if fits:
                 i = max(fits, key=lambda j: (shape[j] // split[j], -j))
                 parts[i] += (a,)
-            out.append(
-                PartitionSpec(*(None if not p else p[0] if len(p) == 1 else p for p in parts))
-            )
+            out.append(spec())
     return out
 
 

@@ -433,7 +433,8 @@ def test_schedule_values():
 def test_owner_moves_take_one_axis_at_a_time():
     """Muon's owner layout from a leaf's stored spec: each step takes one mesh axis off a
     matrix dim (the minor-most) onto the stack dim with the largest shard it divides, or
-    drops it where none can take it; the last spec has whole matrices."""
+    drops it where none can take it (within a memory budget; beyond it the axis stays); the
+    last spec has whole matrices where it can."""
     import sharding
 
     mesh = {"fsdp": 2, "context": 8, "expert": 8}
@@ -455,6 +456,13 @@ def test_owner_moves_take_one_axis_at_a_time():
         P("fsdp", None, None, None),
     ]
     assert sharding.specs.owner_moves(P("expert"), (8, 64, 64), mesh) == []  # already whole
+    # V4-Pro's experts on fsdp=16 x expert=16: 24 per expert rank, which fsdp=16 does not
+    # divide (nor 29 layers); gathering them would hold 61 GB of the leaf: fsdp stays put
+    pro = {"fsdp": 16, "expert": 16}
+    stored = P(None, "expert", None, "fsdp")
+    assert sharding.specs.owner_moves(stored, (29, 384, 3072, 7168), pro) == []
+    small = sharding.specs.owner_moves(stored, (29, 384, 3072, 7168), pro, budget=1 << 40)
+    assert small == [P(None, "expert", None, None)]  # within a budget: gathered
 
 
 def test_owner_layout_moves_only_the_own_share_on_a_context_mesh():
