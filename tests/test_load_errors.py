@@ -164,7 +164,10 @@ def test_failed_threaded_restore_leaves_no_stray_tracebacks(orbax_copy, monkeypa
     monkeypatch.setattr(orbax_io, "check_data_files", lambda state: None)
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
-    with pytest.raises(v4jax.CheckpointError, match="Orbax restore failed: OUT_OF_RANGE"):
+    # The cut lands in the data (the restore fails) or, as the OCDBT layout of a fresh write
+    # varies, in index entries read when the array is opened (seen in CI); one error either way.
+    want = r"(Orbax restore failed|array embed): OUT_OF_RANGE"
+    with pytest.raises(v4jax.CheckpointError, match=want):
         v4jax.load(folder, progress=False)
     time.sleep(0.5)  # stray callbacks come within milliseconds of the failure
     assert seen == []
