@@ -79,8 +79,7 @@ def zero_fill(
     goes to the dim with the largest shard that it still divides, never a dim in `skip`
     (parameters: the "layers" dim, as each rank runs every layer of the scanned stack). An axis
     no dim can take is left out."""
-    parts = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
-    parts += [()] * (len(shape) - len(parts))
+    parts = _parts(spec, len(shape))
     used = {a for p in parts for a in p}
     for a in zero:
         k = mesh_shape.get(a, 1)
@@ -92,6 +91,17 @@ def zero_fill(
             i = max(fits, key=lambda j: (shape[j] // split[j], -j))
             parts[i] += (a,)
             used.add(a)
+    return _spec(parts)
+
+
+def _parts(spec: PartitionSpec, ndim: int) -> list[tuple[str, ...]]:
+    """A PartitionSpec -> each of `ndim` dims' mesh axes as a tuple (() where whole)."""
+    parts = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
+    return parts + [()] * (ndim - len(parts))
+
+
+def _spec(parts: list[tuple[str, ...]]) -> PartitionSpec:
+    """`_parts`' inverse."""
     return PartitionSpec(*(None if not p else p[0] if len(p) == 1 else p for p in parts))
 
 
@@ -119,10 +129,8 @@ def owner_moves(
     an all-to-all but replicated the whole array when two moved at once (V4-Flash's routed
     experts stored [expert, context, fsdp] on `context=8 x fsdp=2 x expert=8`)."""
     budget = OWNER_GATHER_BUDGET if budget is None else budget
-    parts = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in stored]
-    parts += [()] * (len(shape) - len(parts))
+    parts = _parts(stored, len(shape))
     mats, stack = (len(shape) - 2, len(shape) - 1), range(len(shape) - 2)
-    spec = lambda: PartitionSpec(*(None if not p else p[0] if len(p) == 1 else p for p in parts))
     share = lambda: math.prod(shape) // math.prod(mesh_shape[a] for p in parts for a in p)
     out = []
     for m in mats:
@@ -136,7 +144,7 @@ def owner_moves(
             if fits:
                 i = max(fits, key=lambda j: (shape[j] // split[j], -j))
                 parts[i] += (a,)
-            out.append(spec())
+            out.append(_spec(parts))
     return out
 
 

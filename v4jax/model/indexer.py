@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.config import ModelConfig
+from v4jax.kernels.sparse_attention.reference import from_chunks, to_chunks
 from v4jax.model.compressor import Compressor
 from v4jax.model.layers import F32, Linear, act_einsum, freq_tuple, rope
 from v4jax.numerics import Precision, fp4_quant_dequant, hadamard
@@ -100,14 +101,9 @@ class Indexer(nnx.Module):
         if c == s:
             return rows(w, q, t)
         m = -(-s // c)
-
-        def chunks(a):  # [B, S, ...] -> [m, B, c, ...], padded queries at the end
-            a = jnp.pad(a, [(0, 0), (0, m * c - s)] + [(0, 0)] * (a.ndim - 2))
-            return jnp.moveaxis(a.reshape(b, m, c, *a.shape[2:]), 1, 0)
-
         t = jnp.pad(t, (0, m * c - s), constant_values=-1).reshape(m, c)  # sees no entry
-        out = jax.lax.map(jax.checkpoint(lambda x: rows(*x)), (chunks(w), chunks(q), t))
-        return tuple(jnp.moveaxis(a, 0, 1).reshape(b, m * c, -1)[:, :s] for a in out)
+        out = jax.lax.map(jax.checkpoint(lambda x: rows(*x)), (to_chunks(w, c), to_chunks(q, c), t))
+        return tuple(from_chunks(a, s) for a in out)
 
     def _pick_rows(self, w, q, t, *, keys, ratio: int):
         scores = self.weighted_scores(w, q, keys)
