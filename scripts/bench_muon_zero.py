@@ -7,9 +7,11 @@ an abstract ZeRO-sharded state (`scripts/plan.py`'s: float32 masters placed by t
 moments like their parameters, gradients too) on fake CPU devices, once per
 `OptimConfig.muon_layout`:
 
-- owner: hybrid ZeRO (V4 report §3.5.1): the stack of same-shaped matrices (layers, experts)
-  is split over the ZeRO axes, each device orthogonalises the whole matrices it is assigned;
-  moving them is an all-to-all of each device's own share, there and back.
+- owner: hybrid ZeRO (V4 report §3.5.1, `sharding.constraints.per_matrix`): each device pads
+  the stack of matrices in its own block (layers, experts) and all-to-alls it over each mesh
+  axis on a matrix dim, so it holds whole matrices, about 1/n of the leaf's, and
+  orthogonalises those; the results go back the same way (a device with too few matrices to
+  spread gathers them in that axis's group instead).
 - replicated: the naive gather-all: every device gathers and orthogonalises every matrix.
 - sharded: GSPMD runs Newton-Schulz's matmuls on the ZeRO shards (collectives in every one of
   the 10 steps).

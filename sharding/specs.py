@@ -27,9 +27,8 @@ __all__ = [
     "param_bytes",
     "param_specs",
     "resolve",
+    "spec_axes",
     "state_shardings",
-    "OWNER_GATHER_BUDGET",
-    "owner_moves",
     "zero_fill",
 ]
 
@@ -79,7 +78,7 @@ def zero_fill(
     goes to the dim with the largest shard that it still divides, never a dim in `skip`
     (parameters: the "layers" dim, as each rank runs every layer of the scanned stack). An axis
     no dim can take is left out."""
-    parts = _parts(spec, len(shape))
+    parts = spec_axes(spec, len(shape))
     used = {a for p in parts for a in p}
     for a in zero:
         k = mesh_shape.get(a, 1)
@@ -94,58 +93,15 @@ def zero_fill(
     return _spec(parts)
 
 
-def _parts(spec: PartitionSpec, ndim: int) -> list[tuple[str, ...]]:
+def spec_axes(spec: PartitionSpec, ndim: int) -> list[tuple[str, ...]]:
     """A PartitionSpec -> each of `ndim` dims' mesh axes as a tuple (() where whole)."""
     parts = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
     return parts + [()] * (ndim - len(parts))
 
 
 def _spec(parts: list[tuple[str, ...]]) -> PartitionSpec:
-    """`_parts`' inverse."""
+    """`spec_axes`' inverse."""
     return PartitionSpec(*(None if not p else p[0] if len(p) == 1 else p for p in parts))
-
-
-# Elements one device may hold of a leaf in Muon's owner layout when a mesh axis that no stack
-# dim divides is gathered (1 GiB of float32): beyond it the axis stays on its matrix dim.
-OWNER_GATHER_BUDGET = 1 << 28
-
-
-def owner_moves(
-    stored: PartitionSpec,
-    shape: tuple[int, ...],
-    mesh_shape: Mapping[str, int],
-    budget: int | None = None,
-) -> list[PartitionSpec]:
-    """From a stack of matrices [..., O, I] stored as `stored` to a layout where each device
-    holds whole matrices (Muon's owner layout), one mesh axis at a time: the specs in between
-    and, last, the owner spec. Each step takes the minor-most axis off a matrix dim and appends
-    it to the stack dim with the largest shard it still divides (an all-to-all), or, where no
-    stack dim can take it, drops it (an all-gather over that axis) if the device's share of
-    the leaf stays within `budget` elements (default `OWNER_GATHER_BUDGET`); else that matrix
-    dim keeps its axes (Newton-Schulz then runs split over them, with collectives: V4-Pro's
-    experts on `fsdp=16 x expert=16` hold 24 experts per expert rank, which fsdp does not
-    divide, and gathering them whole would put 61 GB of one leaf on every device). Stack axes
-    already there stay. One axis per step because XLA's partitioner reshards one moved axis as
-    an all-to-all but replicated the whole array when two moved at once (V4-Flash's routed
-    experts stored [expert, context, fsdp] on `context=8 x fsdp=2 x expert=8`)."""
-    budget = OWNER_GATHER_BUDGET if budget is None else budget
-    parts = _parts(stored, len(shape))
-    mats, stack = (len(shape) - 2, len(shape) - 1), range(len(shape) - 2)
-    share = lambda: math.prod(shape) // math.prod(mesh_shape[a] for p in parts for a in p)
-    out = []
-    for m in mats:
-        while parts[m]:
-            a, k = parts[m][-1], mesh_shape[parts[m][-1]]
-            split = [math.prod(mesh_shape[x] for x in p) for p in parts]
-            fits = [i for i in stack if shape[i] % (split[i] * k) == 0]
-            if not fits and share() * k > budget:
-                break  # gathering this axis would hold too much: it stays on the matrix dim
-            parts[m] = parts[m][:-1]
-            if fits:
-                i = max(fits, key=lambda j: (shape[j] // split[j], -j))
-                parts[i] += (a,)
-            out.append(_spec(parts))
-    return out
 
 
 def logical_axes(state: nnx.State) -> dict[Path, tuple[str | None, ...]]:

@@ -4,6 +4,7 @@ Oracles are float64 numpy written from the report's formulas (Newton-Schulz, sum
 Nesterov, AdamW), not our own outputs. Singular values via eigvalsh of the float64 Gram matrix.
 """
 
+import math
 import re
 
 import jax
@@ -430,39 +431,53 @@ def test_schedule_values():
         LRSchedule(peak=0.0, decay_start=5000, total=6000)
 
 
-def test_owner_moves_take_one_axis_at_a_time():
-    """Muon's owner layout from a leaf's stored spec: each step takes one mesh axis off a
-    matrix dim (the minor-most) onto the stack dim with the largest shard it divides, or
-    drops it where none can take it (within a memory budget; beyond it the axis stays); the
-    last spec has whole matrices where it can."""
+@pytest.mark.parametrize(
+    "shape, stored, moved",
+    [
+        # V4-Pro's case in small: 3 experts per expert rank x 3 layers = 9 matrices per device,
+        # which fsdp=4 does not divide: padded to 12, 3 whole matrices per device
+        ((3, 6, 16, 48), P(None, "expert", None, "fsdp"), [("all-to-all", (3, 16, 48))]),
+        # one matrix split both ways: gathered (spreading 1 matrix would send more)
+        ((16, 48), P("fsdp", "expert"), [("all-gather", (1, 16, 24)), ("all-gather", (16, 48))]),
+        # two axes on one dim, the minor one (expert) first so the pieces join in order:
+        # 3 matrices gathered over expert=2, then padded to 4 and spread over fsdp=4
+        (
+            (3, 16, 48),
+            P(None, ("fsdp", "expert"), None),
+            [("all-gather", (3, 4, 48)), ("all-to-all", (1, 16, 48))],
+        ),
+    ],
+)
+def test_owner_layout_pads_a_stack_no_axis_divides(shape, stored, moved):
+    """Muon's owner layout on `fsdp=4 x expert=2` for leaves whose stack no mesh axis divides:
+    each device pads its own stack with zero matrices and all-to-alls it, there and back, or
+    where it holds too few matrices to spread, the axis's group gathers them (`spread`):
+    the collectives' bytes are those of the results `moved` (an all-to-all's twice), with no
+    all-reduce (the computation runs on whole matrices only); the result equals the
+    computation on the unsharded stack (1e-5: the same float32 ops per matrix, in batched
+    matmuls of another batch size)."""
     import sharding
+    from sharding.train_plan import collective_bytes
 
-    mesh = {"fsdp": 2, "context": 8, "expert": 8}
-    # V4-Flash's routed experts of one segment, stored as TRAIN + ZeRO place them:
-    chain = sharding.specs.owner_moves(
-        P(None, "expert", "context", "fsdp"), (20, 256, 2048, 4096), mesh
-    )
-    assert chain == [
-        P(None, ("expert", "context"), None, "fsdp"),
-        P("fsdp", ("expert", "context"), None, None),
-    ]
-    # a stack too short for `expert`: that axis is dropped (gathered), last
-    chain = sharding.specs.owner_moves(
-        P(None, None, ("fsdp", "context"), "expert"), (20, 2, 64, 64), mesh
-    )
-    assert chain == [
-        P(None, None, "fsdp", "expert"),
-        P("fsdp", None, None, "expert"),
-        P("fsdp", None, None, None),
-    ]
-    assert sharding.specs.owner_moves(P("expert"), (8, 64, 64), mesh) == []  # already whole
-    # V4-Pro's experts on fsdp=16 x expert=16: 24 per expert rank, which fsdp=16 does not
-    # divide (nor 29 layers); gathering them would hold 61 GB of the leaf: fsdp stays put
-    pro = {"fsdp": 16, "expert": 16}
-    stored = P(None, "expert", None, "fsdp")
-    assert sharding.specs.owner_moves(stored, (29, 384, 3072, 7168), pro) == []
-    small = sharding.specs.owner_moves(stored, (29, 384, 3072, 7168), pro, budget=1 << 40)
-    assert small == [P(None, "expert", None, None)]  # within a budget: gathered
+    x = jax.random.normal(jax.random.key(3), shape, jnp.float32)
+    mesh = sharding.make_mesh("fsdp=4 x expert=2")
+    # Newton-Schulz commutes with permuting rows / columns, so a cumulative sum over rows is
+    # added: it sees the matrices' rows out of order, if the exchanges put them so
+    per = lambda y: newton_schulz(y) + jnp.cumsum(y, axis=-2)
+    want = per(x)
+
+    def run(x):
+        with sharding.use_rules(mesh, "train"):
+            return sharding.constraints.per_matrix(per, x, "owner", stored)
+
+    fn = jax.jit(run, out_shardings=NamedSharding(mesh, stored))
+    xs = jax.device_put(x, NamedSharding(mesh, stored))
+    coll, _ = collective_bytes(fn.lower(xs).compile().as_text())
+    want_bytes = {"all-gather": 0, "all-to-all": 0, "all-reduce": 0}
+    for kind, result in moved:
+        want_bytes[kind] += 4 * math.prod(result) * (2 if kind == "all-to-all" else 1)
+    assert {k: coll[k] for k in want_bytes} == want_bytes, coll
+    np.testing.assert_allclose(fn(xs), want, rtol=1e-5, atol=1e-6)
 
 
 def test_owner_layout_moves_only_the_own_share_on_a_context_mesh():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -65,7 +66,7 @@ class OptimConfig:
     - `mu_dtype`: dtype of the Muon momentum and Adam first moment (None: the gradient's).
     - `ns_dtype`: dtype of the Newton-Schulz matmuls (None: the gradient's; V4 uses bfloat16,
       §3.5.1); the Frobenius normalisation is always float32.
-    - `muon_layout`: where Newton-Schulz runs on a mesh (`sharding.constraints.whole_matrices`):
+    - `muon_layout`: where Newton-Schulz runs on a mesh (`sharding.constraints.per_matrix`):
       "owner" (hybrid ZeRO, §3.5.1: each device orthogonalises the whole matrices and experts
       it is assigned), "replicated" (every device every matrix: the naive gather-all) or
       "sharded" (GSPMD matmuls on the ZeRO shards). Same values; different collectives.
@@ -169,9 +170,8 @@ def scale_by_muon(
         x = momentum * m + g if nesterov else m  # m is already M_t
         scale = rms * math.sqrt(max(g.shape[-2], g.shape[-1]))
         stored = constraints.stored_spec(path_names(path))  # where the leaf lives, if declared
-        x = constraints.whole_matrices(x, layout, stored)  # on a mesh: whole matrices per
-        o = newton_schulz(x, coeffs, eps=eps, dtype=ns_dtype)  # device, orthogonalised there
-        return scale * constraints.whole_matrices(o, layout, stored, back=True)
+        ns = functools.partial(newton_schulz, coeffs=coeffs, eps=eps, dtype=ns_dtype)
+        return scale * constraints.per_matrix(ns, x, layout, stored)  # whole matrices per device
 
     def update(updates, state, params=None):
         del params
