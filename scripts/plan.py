@@ -20,8 +20,10 @@ backward, optimizer, router-bias update; tokens [--accum, --batch, --seq]) for a
 float32 masters placed by the TRAIN rules, optimizer moments sharded like their parameters
 (ZeRO). It prints per-device bytes of params, gradients (sharded as the params), optimizer
 state and frozen leaves, the compiled memory analysis (temporaries: activations and gradients
-in flight), collective bytes per step read from the compiled HLO (`sharding.train_plan`), and
-the verdict, "DOES NOT FIT: X GB over" when it does not.
+in flight), collective bytes per step (`sharding.train_plan`) both as the SPMD partitioner
+emits them (the dtypes a GPU / TPU program keeps) and as XLA:CPU runs them (its float
+normalization makes every bf16 collective float32), and the verdict, "DOES NOT FIT: X GB
+over" when it does not.
 Flags are checked before jax sets up devices or anything is compiled: a bad one is one
 `error: ...` line, exit status 2.
 """
@@ -222,7 +224,7 @@ def plan_train(
     from jax.sharding import NamedSharding, PartitionSpec
 
     import sharding
-    from sharding.train_plan import collective_bytes, tree_bytes
+    from sharding.train_plan import collective_bytes, partitioned_hlo, tree_bytes
     from v4jax.numerics.policy import jit
     from v4jax.train import LossWeights, make_step
 
@@ -251,10 +253,11 @@ def plan_train(
     t0 = time.perf_counter()
     lowered = fn.lower(state, tok, tok)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    partitioned, compiled = partitioned_hlo(lowered)
     t2 = time.perf_counter()
     ma = compiled.memory_analysis()
     coll, loops = collective_bytes(compiled.as_text())
+    coll_partitioned, _ = collective_bytes(partitioned)
     params, opt_b = tree_bytes(state.params), tree_bytes(state.opt_state)
     frozen = tree_bytes((state.frozen, state.step, state.rng))
     mem = {
@@ -277,6 +280,7 @@ def plan_train(
         memory=mem,
         need=mem["argument"] + mem["output"] - mem["alias"] + mem["temp"],
         collectives=coll,
+        collectives_partitioned=coll_partitioned,
         while_loops=[list(x) for x in loops],
     )
 
@@ -337,8 +341,9 @@ def _main_train(a: argparse.Namespace) -> int:
     print(f"  temporaries               {gb(m['temp'])}  (activations + gradients in flight)")
     print(f"  need (arg + out - alias + temp) {gb(r['need']).strip()} of {gb(a.hbm_gb * 1e9)}")
     print("collectives per step per device (while bodies x trip count):")
+    print(f"  {'':<24}{'as partitioned':>14}{'XLA:CPU runs':>15}  (CPU: bf16 collectives in f32)")
     for k, v in r["collectives"].items():
-        print(f"  {k:<24}{gb(v)}")
+        print(f"  {k:<24}{gb(r['collectives_partitioned'][k]):>14}{gb(v):>15}")
     trips = collections.Counter(t for _, t in r["while_loops"])
     print(f"  while loops by trip count: {dict(sorted(trips.items()))} (-1: unknown, counted once)")
     budget = a.hbm_gb * 1e9 * (1 - a.reserve)

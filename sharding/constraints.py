@@ -104,12 +104,17 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, _spec(ctx, axes, x.shape)))
 
 
-def gathered(module):
+def gathered(module, cast: bool = False):
     """`module` (an nnx module: one layer of a scanned stack, or the MTP block) with each
     parameter constrained to its rules-table sharding without the ZeRO axes for use, and its
     gradient constrained back to the parameter's own (ZeRO) sharding: the FSDP / ZeRO-3
     all-gather before use and reduce-scatter after, per layer, made explicit. Identity without
     rules (and under rules without ZeRO axes, where the two shardings agree).
+
+    `cast`: a parameter whose metadata names a narrower `use_dtype` (a float32 master that
+    every consumer casts to that dtype first, such as bf16 matmul operands) is cast before the
+    all-gather, half the bytes moved and held, and its gradient cast back to float32 before
+    the reduce-scatter: the same values as casting after the gather.
 
     Left implicit, XLA's SPMD partitioner (jax 0.12, CPU; Shardy and GSPMD) returned wrong
     values: a scan whose body multiplies a carry batch-split over (data, expert) by a slice of
@@ -120,23 +125,24 @@ def gathered(module):
     if _ACTIVE.value is None:
         return module
     graph, state = nnx.split(module)
-
-    def gather(spec, x):
-        if len(tuple(spec)) < x.ndim:  # not annotated with logical names: left as it is
-            return x
-        return gathered_param(x, tuple(spec)[len(tuple(spec)) - x.ndim :])  # no "layers"
-
-    is_spec = lambda v: isinstance(v, PartitionSpec)
-    state = jax.tree.map(gather, nnx.get_partition_spec(state), state, is_leaf=is_spec)
-    return nnx.merge(graph, state)
+    specs = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
+    leaves = []
+    for path, var in nnx.to_flat_state(state):
+        x, spec = var.get_value(), tuple(specs[path].get_value())
+        if len(spec) >= x.ndim:  # annotated with logical names (else left as it is)
+            dtype = var.get_metadata().get("use_dtype") if cast else None
+            x = gathered_param(x, spec[len(spec) - x.ndim :], dtype=dtype)  # no "layers"
+        leaves.append((path, var.replace(x)))
+    return nnx.merge(graph, nnx.from_flat_state(leaves))
 
 
 def gathered_param(
-    x: jax.Array, axes: tuple[str | None, ...], whole: tuple[str, ...] = ()
+    x: jax.Array, axes: tuple[str | None, ...], whole: tuple[str, ...] = (), dtype=None
 ) -> jax.Array:
     """One parameter `x` with logical axes `axes`, as `gathered` treats each of a module's:
     in its use sharding (the dims named in `whole` not split at all), its gradient in its
-    stored (ZeRO) sharding. Identity without rules."""
+    stored (ZeRO) sharding; `dtype`: cast to it for use (`gathered`'s `cast`; only where
+    narrower than x's and the use sharding gathers). Identity without rules."""
     ctx = _ACTIVE.value
     if ctx is None:
         return x
@@ -146,27 +152,33 @@ def gathered_param(
     use, _ = param_spec(use_axes, x.shape, mesh_shape, ctx.rules)
     if use == stored or x.dtype not in _GRAD_DTYPES:
         return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, use))
+    if dtype is not None and (x.dtype != jnp.float32 or jnp.dtype(dtype).itemsize >= 4):
+        dtype = None  # only float32 masters are cast (the backward casts back to float32)
     # `whole`: the gradient is formed in the use layout first (a lookup's scatter-add of
     # batch-split rows), else XLA reshards the rows to the table's split (replicating them)
     use, stored = NamedSharding(ctx.mesh, use), NamedSharding(ctx.mesh, stored)
-    return _fsdp(x, use, stored, bool(whole))
+    return _fsdp(x, use, stored, bool(whole), None if dtype is None else jnp.dtype(dtype))
 
 
 _GRAD_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _fsdp(x, use: NamedSharding, stored: NamedSharding, via_use: bool = False):
-    """x in its use sharding (forward); its gradient in `stored` (backward; `via_use`: in
-    `use` first)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _fsdp(x, use: NamedSharding, stored: NamedSharding, via_use: bool = False, dtype=None):
+    """x (cast to `dtype` if given) in its use sharding (forward); its gradient (float32 again
+    after a cast) in `stored` (backward; `via_use`: in `use` first)."""
+    if dtype is not None:  # cast where x is stored (else XLA may gather first, then cast)
+        x = jax.lax.with_sharding_constraint(x.astype(dtype), stored)
     return jax.lax.with_sharding_constraint(x, use)
 
 
-def _fsdp_fwd(x, use, stored, via_use):
-    return _fsdp(x, use, stored, via_use), None
+def _fsdp_fwd(x, use, stored, via_use, dtype):
+    return _fsdp(x, use, stored, via_use, dtype), None
 
 
-def _fsdp_bwd(use, stored, via_use, _, g):
+def _fsdp_bwd(use, stored, via_use, dtype, _, g):
+    if dtype is not None:  # cast for use: x was float32 (the only wider gradient dtype)
+        g = g.astype(jnp.float32)
     if via_use:
         g = jax.lax.with_sharding_constraint(g, use)
     return (jax.lax.with_sharding_constraint(g, stored),)

@@ -10,6 +10,8 @@ module holds the parts that only know meshes, shardings and compiled programs (n
 - `collective_bytes`: bytes moved per step by each collective kind, read from the compiled
   (post-SPMD, per-device) HLO text, with ops inside while-loop bodies (the scanned layer
   segments, gradient accumulation) multiplied by the loops' trip counts.
+- `partitioned_hlo`: the program right after SPMD partitioning, before the backend's own
+  passes (XLA:CPU's float normalization turns every bf16 collective into a float32 one).
 - `verdict`: does a per-device need fit a device's memory less a reserve.
 """
 
@@ -17,14 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import re
+import tempfile
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["COLLECTIVES", "TreeBytes", "collective_bytes", "like_params", "tree_bytes", "verdict"]
+__all__ = [
+    "COLLECTIVES",
+    "TreeBytes",
+    "collective_bytes",
+    "like_params",
+    "partitioned_hlo",
+    "tree_bytes",
+    "verdict",
+]
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -125,7 +137,8 @@ def collective_bytes(hlo: str) -> tuple[dict[str, int], list[tuple[str, int]]]:
     An op's bytes are its result's (the per-device shapes: the HLO is after SPMD partitioning;
     for an all-gather, the gathered array). An op's count is the product of the trip counts
     of the while loops it sits in (`known_trip_count`, which XLA records for the scans of
-    the layer segments and the micro-batches; a loop without one counts once, and is listed).
+    the layer segments and the micro-batches, or a jax loop's limit in HLO from before XLA's
+    loop analysis: `_trip_count`; a loop with neither counts once, and is listed as -1).
     Async pairs count once (the `-start` op's last result; `-done` is skipped).
 
     Returns ({kind: bytes}, [(while loop, trip count)])."""
@@ -138,9 +151,9 @@ def collective_bytes(hlo: str) -> tuple[dict[str, int], list[tuple[str, int]]]:
         for line in comps.get(name, ()):
             trips = 1
             if " while(" in line:
-                m = _TRIPS.search(line)
-                trips = int(m.group(1)) if m else 1
-                loops.append((line.split("=")[0].split()[-1], trips if m else -1))
+                n = _trip_count(line, comps)
+                trips = max(n, 1)
+                loops.append((line.split("=")[0].split()[-1], n))
             for key, one, many in _CALLEE.findall(line):
                 for callee in [one] if one else re.split(r"[,\s]+", many):
                     callee = callee.lstrip("%")
@@ -164,6 +177,40 @@ def collective_bytes(hlo: str) -> tuple[dict[str, int], list[tuple[str, int]]]:
                 shapes = " ".join(f"{d}[{s}]" for d, s in shapes)
             out[base] += k * _shape_bytes(shapes)
     return out, loops
+
+
+_COND = re.compile(r"condition=%?([\w.\-]+)")
+_LIMIT = re.compile(r"s32\[\] constant\((\d+)\)")
+
+
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
+    """A while op's trip count: XLA's `known_trip_count`, else (HLO before XLA's loop
+    analysis, as `partitioned_hlo`'s) the limit of a jax loop's condition (counter from 0
+    while < one s32 constant); -1 when neither is there."""
+    m = _TRIPS.search(line)
+    if m:
+        return int(m.group(1))
+    cond = _COND.search(line)
+    body = comps.get(cond.group(1), []) if cond else []
+    limits = [int(x) for b in body for x in _LIMIT.findall(b)]
+    lt = any("direction=LT" in b for b in body)
+    return limits[0] if lt and len(limits) == 1 else -1
+
+
+def partitioned_hlo(lowered) -> tuple[str, jax.stages.Compiled]:
+    """HLO text of `lowered` (a `jax.stages.Lowered`) right after XLA's SPMD partitioning:
+    per-device shapes and collectives as the partitioner emits them, before the backend's own
+    passes. XLA:CPU's float normalization, for one, runs every bf16 collective in float32
+    (a bf16 all-gather becomes an f32 all-gather and a convert), so only this form shows the
+    collective dtypes a GPU or TPU program keeps. With the compiled program (compiled once,
+    dumping that pass)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = {"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning"}
+        compiled = lowered.compile(compiler_options=opts)
+        found = sorted(pathlib.Path(tmp).glob("*after_spmd-partitioning*.txt"))
+        if not found:
+            raise RuntimeError("XLA wrote no HLO after its spmd-partitioning pass")
+        return found[-1].read_text(), compiled
 
 
 def verdict(need: int, hbm_bytes: float, reserve: float) -> tuple[bool, float]:

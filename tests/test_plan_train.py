@@ -124,6 +124,35 @@ def test_collective_bytes_of_a_compiled_scan():
     assert got["all-reduce"] == 5 * 4 * 16 * 4, got
 
 
+def test_partitioned_collectives_keep_bf16_and_count_loop_trips():
+    """A scan of 5 steps, each gathering a weight split 8 ways after casting it to bf16: the
+    SPMD partitioner emits a bf16 all-gather (5 x 64 x 64 x 2 bytes per device, its trip
+    count read from the jax loop's condition, as XLA has not annotated it yet); XLA:CPU's
+    compiled program runs it in float32 (twice the bytes)."""
+    from sharding.train_plan import partitioned_hlo
+
+    mesh = sharding.make_mesh("fsdp=8")
+    split = NamedSharding(mesh, PartitionSpec(None, "fsdp"))
+    ws = jax.ShapeDtypeStruct((5, 64, 64), jnp.float32, sharding=split)
+    v = jax.ShapeDtypeStruct((4, 64), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+
+    def f(ws, v):
+        def body(c, w):
+            w = jax.lax.with_sharding_constraint(
+                w.astype(jnp.bfloat16), split.update(spec=PartitionSpec("fsdp"))
+            )
+            w = jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec()))
+            return c @ w.astype(jnp.float32), None
+
+        return jax.lax.scan(body, v, ws)[0]
+
+    text, compiled = partitioned_hlo(jax.jit(f).lower(ws, v))
+    got, loops = collective_bytes(text)
+    assert got["all-gather"] == 5 * 64 * 64 * 2 and [t for _, t in loops] == [5], (got, loops)
+    cpu, _ = collective_bytes(compiled.as_text())
+    assert cpu["all-gather"] == 2 * got["all-gather"], cpu
+
+
 _TINY = v4jax.config.tiny
 
 
@@ -149,6 +178,8 @@ def test_train_plan_sharded_vs_one_device(plan, tmp_path, capsys, monkeypatch):
     assert all(r["memory"][k] > 0 for k in ("argument", "output", "temp"))
     assert r["memory"]["alias"] > 0  # the donated state is updated in place
     assert sum(r["collectives"].values()) > 0
+    # the bf16 weight gathers: float32 in XLA:CPU's program, bf16 as partitioned
+    assert 0 < r["collectives_partitioned"]["all-gather"] < r["collectives"]["all-gather"]
     one = sharding.make_mesh("data=1", devices=jax.devices()[:1])
     r1 = plan.plan_train(_small(), one, "train", batch=2, seq=16, optimizer="adamw")
     assert sum(r1["collectives"].values()) == 0

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sharding import constraints
 from v4jax.config import ModelConfig
 from v4jax.numerics import Precision, dequant_fp4, dequant_fp8_blocks, fp8_quant_dequant
 
@@ -41,11 +42,22 @@ def matmul_operands(mode: str):
         yield
 
 
-def param(shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
-    """A zero-initialised parameter annotated with logical axis names (filled by the loader)."""
+def param(shape: tuple[int, ...], dtype, axes: tuple[str | None, ...], use_dtype=None) -> nnx.Param:
+    """A zero-initialised parameter annotated with logical axis names (filled by the loader).
+    `use_dtype`: the dtype every consumer casts it to before use (a weight whose only use is
+    an activation-dtype matmul operand), so that a float32 master can be gathered for use in
+    it (`gathered`)."""
     if len(axes) != len(shape):
         raise ValueError(f"axes {axes} do not match shape {shape}")
-    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
+    meta = {} if use_dtype is None else {"use_dtype": jnp.dtype(use_dtype)}
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False, **meta)
+
+
+def gathered(module: nnx.Module) -> nnx.Module:
+    """`sharding.constraints.gathered` (each parameter gathered for use on a mesh), float32
+    masters of activation-dtype matmul operands cast to that dtype before the gather (their
+    `use_dtype`), unless `matmul_operands("float32")` makes those matmuls float32."""
+    return constraints.gathered(module, cast=_OPERANDS.value == "activation")
 
 
 def mm(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
@@ -155,11 +167,11 @@ class Linear(nnx.Module):
 
     def __init__(self, in_dim: int, out_dim: int, *, fmt: str, axes: tuple, prec: Precision):
         self.fmt, self.prec = fmt, prec
-        if fmt == "fp8":
-            self.weight = param((out_dim, in_dim), jnp.float8_e4m3fn, axes)
+        if fmt == "fp8":  # FP8 / FP4 weights are used as activation-dtype operands only
+            self.weight = param((out_dim, in_dim), jnp.float8_e4m3fn, axes, prec.dtype)
             self.scale = param((-(-out_dim // 128), -(-in_dim // 128)), jnp.float8_e8m0fnu, axes)
         elif fmt == "fp4":
-            self.weight = param((out_dim, in_dim // 2), jnp.int8, axes)
+            self.weight = param((out_dim, in_dim // 2), jnp.int8, axes, prec.dtype)
             self.scale = param((out_dim, in_dim // 32), jnp.float8_e8m0fnu, axes)
         elif fmt == "bf16":
             self.weight = param((out_dim, in_dim), jnp.bfloat16, axes)
@@ -184,8 +196,9 @@ class Linear(nnx.Module):
 
 def dequant(fmt: str, w: jnp.ndarray, scale: nnx.Param | jnp.ndarray | None) -> jnp.ndarray:
     """The float32 weight of a release-format leaf. A float32 leaf is a trainable master
-    (`v4jax.train.model`, already fake-quantised there under QAT): returned as is, scale unused."""
-    if w.dtype == F32:
+    (`v4jax.train.model`, already fake-quantised there under QAT), and a bfloat16 leaf of an
+    FP8 / FP4 format such a master cast for use (`gathered`): returned as is, scale unused."""
+    if w.dtype == F32 or (fmt != "bf16" and w.dtype == jnp.bfloat16):
         return w
     s = scale[...] if isinstance(scale, nnx.Param) else scale
     if fmt == "fp8":

@@ -90,11 +90,11 @@ class RoutedExperts(nnx.Module):
         self.fmt, self.prec, self.limit = cfg.expert_dtype, prec, cfg.swiglu_limit
         for name, (o, i) in {"w1": (f, d), "w2": (d, f), "w3": (f, d)}.items():
             ax = ("experts", "mlp", "embed") if name != "w2" else ("experts", "embed", "mlp")
-            if self.fmt == "fp4":
-                w = param((e, o, i // 2), jnp.int8, ax)
+            if self.fmt == "fp4":  # used as activation-dtype operands only (`layers.param`)
+                w = param((e, o, i // 2), jnp.int8, ax, prec.dtype)
                 s = param((e, o, i // 32), jnp.float8_e8m0fnu, ax)
             else:
-                w = param((e, o, i), jnp.float8_e4m3fn, ax)
+                w = param((e, o, i), jnp.float8_e4m3fn, ax, prec.dtype)
                 s = param((e, -(-o // 128), -(-i // 128)), jnp.float8_e8m0fnu, ax)
             setattr(self, name, w)
             setattr(self, name + "_scale", s)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from sharding.constraints import constrain, gathered, gathered_param
+from sharding.constraints import constrain, gathered_param
 from v4jax.config import LayerKind, ModelConfig, Segment, layer_plan
 from v4jax.model import remat as rm
 from v4jax.model.block import STREAMS, Block
-from v4jax.model.layers import F32, Linear, RMSNorm, mm, param
+from v4jax.model.layers import F32, Linear, RMSNorm, gathered, mm, param
 from v4jax.model.mhc import HyperHead
 from v4jax.numerics import Precision
 
