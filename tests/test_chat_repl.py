@@ -115,6 +115,16 @@ class Terminal:
         out = self.read_until("you> ", timeout).split("\n", 1)[-1]
         return out.removesuffix("you> ").lstrip("\n")
 
+    def wait_reading(self, timeout: float = 60) -> None:
+        """Until the REPL sleeps in readline's select() on the terminal. A Ctrl-C that lands
+        just before that call (after the prompt is drawn) only sets Python's signal flag, which
+        readline checks on EINTR alone, so the KeyboardInterrupt would wait for the next key:
+        a window of microseconds for a person, of many milliseconds on a loaded 2-core CI."""
+        deadline, wchan = time.monotonic() + timeout, pathlib.Path(f"/proc/{self.proc.pid}/wchan")
+        while "select" not in (state := wchan.read_text()) and "poll" not in state:
+            assert time.monotonic() < deadline, f"the REPL is not reading: in {state!r}"
+            time.sleep(0.01)
+
     def wait(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -219,7 +229,10 @@ def test_commands_in_a_terminal(tmp_path):
         unknown = term.type("/frobnicate")
         assert unknown.strip().splitlines() == ["unknown command /frobnicate (/help lists them)"]
         assert "thinking on" in term.type("/think on")
-        os.write(term.fd, b"half a line\x03")  # Ctrl-C at the prompt: the line is dropped
+        os.write(term.fd, b"half a line")
+        term.read_until("half a line", timeout=60)  # the echo: readline has the line
+        term.wait_reading()
+        os.write(term.fd, b"\x03")  # Ctrl-C at the prompt: the line is dropped
         assert "Traceback" not in term.read_until("you> ", timeout=60)
         assert _saved(term, tmp_path / "t.json", 1) == [{"role": "system", "content": "Be brief."}]
         os.write(term.fd, b"\x04")  # Ctrl-D on an empty line: end of input

@@ -288,7 +288,11 @@ class StateReader:
             raise CheckpointError(msg) from None
 
     def check(self, stored: Mapping[Path, jax.ShapeDtypeStruct]) -> None:
-        """Every expected leaf is present with its shape and dtype, and nothing else."""
+        """Every data file the index references is whole, then every expected leaf is present
+        with its shape and dtype, and nothing else. The file check comes first: opening an
+        array reads its metadata through the index, from whichever data file holds it, and a
+        missing or cut file would otherwise surface as that array's store error."""
+        check_data_files(self.folder)
         want = {param_name(p): p for p in stored}
         problems = [f"missing array {n}" for n in sorted(want.keys() - self.names)]
         problems += [f"unexpected array {n}" for n in sorted(self.names - want.keys())]
@@ -446,22 +450,34 @@ def orbax_restore(
 def check_data_files(state: str | os.PathLike) -> None:
     """Every byte range that the newest version of the OCDBT database `state` references lies
     inside an existing data file: a truncated or partial copy is refused here, in one line,
-    reading only the b-tree (kilobytes to megabytes), not the data."""
+    reading only the b-tree (kilobytes to megabytes), not the data. The files of each b-tree
+    level are checked before that level is read, so a lost index node is named the same way."""
     folder = FsPath(state).absolute()
+    if not (folder / "manifest.ocdbt").is_file():
+        raise CheckpointError(f"{folder}: manifest.ocdbt is missing: {_INCOMPLETE}")
     ends: dict[str, int] = {}  # data file (relative to `folder`) -> bytes referenced
     try:
         kv = ts.KvStore.open(f"file://{folder}/").result()
         versions = ts.ocdbt.dump(kv).result()["versions"]
         root = max(versions, key=lambda v: v["generation_number"])["root"]
         nodes = [root["location"]] if "location" in root else []  # none: an empty tree
-        _note_range(nodes, ends)
         while nodes:  # one b-tree level at a time, the nodes of a level read concurrently
+            _check_ranges(folder, _note_range(nodes, {}))
             futures = [ts.ocdbt.dump(kv, n) for n in nodes]
             refs = [s for f in futures for s in _strings(f.result()) if _LOCATION.match(s)]
             _note_range(refs, ends)
             nodes = [s for s in refs if s.startswith("btreenode::")]
+    except CheckpointError:  # a ValueError itself: already one line
+        raise
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder}: unreadable OCDBT index ({_first(e)})") from None
+    _check_ranges(folder, ends)
+
+
+_INCOMPLETE = "an incomplete copy or conversion"
+
+
+def _check_ranges(folder: FsPath, ends: Mapping[str, int]) -> None:
     problems = []
     for name, end in sorted(ends.items()):
         path = folder / name
@@ -471,16 +487,17 @@ def check_data_files(state: str | os.PathLike) -> None:
             problems.append(f"data file {name} is truncated ({size} bytes, {end} referenced)")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointError(f"{folder}: {problems[0]}{more}: an incomplete copy or conversion")
+        raise CheckpointError(f"{folder}: {problems[0]}{more}: {_INCOMPLETE}")
 
 
 _LOCATION = re.compile(r"^(?:value|btreenode)::(.+):(\d+):(\d+)$")
 
 
-def _note_range(locations: list[str], ends: dict[str, int]) -> None:
+def _note_range(locations: list[str], ends: dict[str, int]) -> dict[str, int]:
     for loc in locations:
         name, offset, length = _LOCATION.match(loc).groups()
         ends[name] = max(ends.get(name, 0), int(offset) + int(length))
+    return ends
 
 
 def _strings(x) -> list[str]:
