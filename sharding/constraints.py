@@ -104,7 +104,7 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, _spec(ctx, axes, x.shape)))
 
 
-def gathered(module, cast: bool = False):
+def gathered(module, cast: bool = False, whole: tuple[str, ...] = (), upcast: bool = False):
     """`module` (an nnx module: one layer of a scanned stack, or the MTP block) with each
     parameter constrained to its rules-table sharding without the ZeRO axes for use, and its
     gradient constrained back to the parameter's own (ZeRO) sharding: the FSDP / ZeRO-3
@@ -114,7 +114,11 @@ def gathered(module, cast: bool = False):
     `cast`: a parameter whose metadata names a narrower `use_dtype` (a float32 master that
     every consumer casts to that dtype first, such as bf16 matmul operands) is cast before the
     all-gather, half the bytes moved and held, and its gradient cast back to float32 before
-    the reduce-scatter: the same values as casting after the gather.
+    the reduce-scatter: the same values as casting after the gather. `upcast`: the gathered
+    copy is converted back to float32 (the same values), for parameters used in pieces (the
+    routed experts' tiles and rows) whose gradient then still sums in float32; only the bytes
+    moved halve. `whole`: logical axes whose dims are gathered whole even where the rules
+    table splits them (`gathered_param`).
 
     Left implicit, XLA's SPMD partitioner (jax 0.12, CPU; Shardy and GSPMD) returned wrong
     values: a scan whose body multiplies a carry batch-split over (data, expert) by a slice of
@@ -131,18 +135,23 @@ def gathered(module, cast: bool = False):
         x, spec = var.get_value(), tuple(specs[path].get_value())
         if len(spec) >= x.ndim:  # annotated with logical names (else left as it is)
             dtype = var.get_metadata().get("use_dtype") if cast else None
-            x = gathered_param(x, spec[len(spec) - x.ndim :], dtype=dtype)  # no "layers"
+            x = gathered_param(x, spec[len(spec) - x.ndim :], whole, dtype, upcast)
         leaves.append((path, var.replace(x)))
     return nnx.merge(graph, nnx.from_flat_state(leaves))
 
 
 def gathered_param(
-    x: jax.Array, axes: tuple[str | None, ...], whole: tuple[str, ...] = (), dtype=None
+    x: jax.Array,
+    axes: tuple[str | None, ...],
+    whole: tuple[str, ...] = (),
+    dtype=None,
+    upcast: bool = False,
 ) -> jax.Array:
-    """One parameter `x` with logical axes `axes`, as `gathered` treats each of a module's:
-    in its use sharding (the dims named in `whole` not split at all), its gradient in its
-    stored (ZeRO) sharding; `dtype`: cast to it for use (`gathered`'s `cast`; only where
-    narrower than x's and the use sharding gathers). Identity without rules."""
+    """One parameter `x` with logical axes `axes` (no "layers"), as `gathered` treats each of
+    a module's: in its use sharding (the dims named in `whole` not split at all), its gradient
+    in its stored (ZeRO) sharding; `dtype`: cast to it for the gather (`gathered`'s `cast`;
+    only where narrower than x's and the use sharding gathers), and back after it with
+    `upcast`. Identity without rules."""
     ctx = _ACTIVE.value
     if ctx is None:
         return x
@@ -157,26 +166,29 @@ def gathered_param(
     # `whole`: the gradient is formed in the use layout first (a lookup's scatter-add of
     # batch-split rows), else XLA reshards the rows to the table's split (replicating them)
     use, stored = NamedSharding(ctx.mesh, use), NamedSharding(ctx.mesh, stored)
-    return _fsdp(x, use, stored, bool(whole), None if dtype is None else jnp.dtype(dtype))
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    return _fsdp(x, use, stored, bool(whole), dtype, upcast and dtype is not None)
 
 
 _GRAD_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _fsdp(x, use: NamedSharding, stored: NamedSharding, via_use: bool = False, dtype=None):
-    """x (cast to `dtype` if given) in its use sharding (forward); its gradient (float32 again
-    after a cast) in `stored` (backward; `via_use`: in `use` first)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _fsdp(x, use: NamedSharding, stored: NamedSharding, via_use=False, dtype=None, upcast=False):
+    """x (cast to `dtype` if given, and back to x's after the gather with `upcast`) in its use
+    sharding (forward); its gradient (float32 again after a cast) in `stored` (backward;
+    `via_use`: in `use` first)."""
     if dtype is not None:  # cast where x is stored (else XLA may gather first, then cast)
-        x = jax.lax.with_sharding_constraint(x.astype(dtype), stored)
-    return jax.lax.with_sharding_constraint(x, use)
+        y = jax.lax.with_sharding_constraint(x.astype(dtype), stored)
+    y = jax.lax.with_sharding_constraint(x if dtype is None else y, use)
+    return y.astype(x.dtype) if upcast else y
 
 
-def _fsdp_fwd(x, use, stored, via_use, dtype):
-    return _fsdp(x, use, stored, via_use, dtype), None
+def _fsdp_fwd(x, use, stored, via_use, dtype, upcast):
+    return _fsdp(x, use, stored, via_use, dtype, upcast), None
 
 
-def _fsdp_bwd(use, stored, via_use, dtype, _, g):
+def _fsdp_bwd(use, stored, via_use, dtype, upcast, _, g):
     if dtype is not None:  # cast for use: x was float32 (the only wider gradient dtype)
         g = g.astype(jnp.float32)
     if via_use:

@@ -203,14 +203,21 @@ def partitioned_hlo(lowered) -> tuple[str, jax.stages.Compiled]:
     passes. XLA:CPU's float normalization, for one, runs every bf16 collective in float32
     (a bf16 all-gather becomes an f32 all-gather and a convert), so only this form shows the
     collective dtypes a GPU or TPU program keeps. With the compiled program (compiled once,
-    dumping that pass)."""
+    dumping that pass). A one-device program has no partitioning pass: its HLO as lowered."""
     with tempfile.TemporaryDirectory() as tmp:
         opts = {"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning"}
         compiled = lowered.compile(compiler_options=opts)
         found = sorted(pathlib.Path(tmp).glob("*after_spmd-partitioning*.txt"))
-        if not found:
+        if found:
+            return found[-1].read_text(), compiled
+        before = sorted(pathlib.Path(tmp).glob("*before_optimizations.txt"))
+        header = before[-1].read_text().partition("\n")[0] if before else ""
+        if not before or int((_PARTS.search(header) or [0, 1])[1]) > 1:
             raise RuntimeError("XLA wrote no HLO after its spmd-partitioning pass")
-        return found[-1].read_text(), compiled
+        return before[-1].read_text(), compiled
+
+
+_PARTS = re.compile(r"num_partitions=(\d+)")
 
 
 def verdict(need: int, hbm_bytes: float, reserve: float) -> tuple[bool, float]:

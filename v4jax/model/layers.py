@@ -53,11 +53,13 @@ def param(shape: tuple[int, ...], dtype, axes: tuple[str | None, ...], use_dtype
     return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False, **meta)
 
 
-def gathered(module: nnx.Module) -> nnx.Module:
-    """`sharding.constraints.gathered` (each parameter gathered for use on a mesh), float32
-    masters of activation-dtype matmul operands cast to that dtype before the gather (their
-    `use_dtype`), unless `matmul_operands("float32")` makes those matmuls float32."""
-    return constraints.gathered(module, cast=_OPERANDS.value == "activation")
+def gathered(module: nnx.Module, whole: tuple[str, ...] = (), upcast: bool = False) -> nnx.Module:
+    """`sharding.constraints.gathered` (each parameter gathered for use on a mesh; the dims of
+    logical axes `whole` entirely), float32 masters of activation-dtype matmul operands cast
+    to that dtype before the gather (their `use_dtype`; back to float32 after it with
+    `upcast`), unless `matmul_operands("float32")` makes those matmuls float32."""
+    cast = _OPERANDS.value == "activation"
+    return constraints.gathered(module, cast=cast, whole=whole, upcast=upcast)
 
 
 def mm(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:

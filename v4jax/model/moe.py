@@ -15,7 +15,7 @@ from sharding import constraints
 from v4jax.config import ModelConfig
 from v4jax.model import remat
 from v4jax.model.experts import routed_experts, swiglu
-from v4jax.model.layers import F32, Linear, mm, param
+from v4jax.model.layers import F32, Linear, gathered, mm, param
 from v4jax.model.moe_parallel import expert_parallel
 from v4jax.numerics import Precision
 
@@ -145,9 +145,11 @@ class MoE(nnx.Module):
             # tokens [B * S]: rows split over the batch axes, each row's over the length axes
             tok = constraints.mesh_axes("batch", shape[0])
             tok += constraints.mesh_axes("length", shape[1]) if len(shape) == 3 else ()
-            routed, dropped = expert_parallel(
-                self.experts, x, w, top, ex, tok=tok, with_dropped=True
-            )
+            # each rank's experts whole, gathered over the ZeRO axes here in bf16 (float32
+            # masters cast before, back after: their gradient sums over tiles in float32)
+            # rather than in float32 by the shard_map's in_specs
+            experts = gathered(self.experts, whole=("mlp", "embed"), upcast=True)
+            routed, dropped = expert_parallel(experts, x, w, top, ex, tok=tok, with_dropped=True)
         else:  # single device (or experts unsplit): each expert on its own tokens only
             routed, dropped = self.experts(x, w, top), jnp.zeros((), F32)
         routed = remat.name(routed, "moe_routed")
