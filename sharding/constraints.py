@@ -178,9 +178,10 @@ def _fsdp(x, use: NamedSharding, stored: NamedSharding, via_use=False, dtype=Non
     """x (cast to `dtype` if given, and back to x's after the gather with `upcast`) in its use
     sharding (forward); its gradient (float32 again after a cast) in `stored` (backward;
     `via_use`: in `use` first)."""
+    y = x
     if dtype is not None:  # cast where x is stored (else XLA may gather first, then cast)
         y = jax.lax.with_sharding_constraint(x.astype(dtype), stored)
-    y = jax.lax.with_sharding_constraint(x if dtype is None else y, use)
+    y = jax.lax.with_sharding_constraint(y, use)
     return y.astype(x.dtype) if upcast else y
 
 

@@ -211,10 +211,11 @@ def partitioned_hlo(lowered) -> tuple[str, jax.stages.Compiled]:
         if found:
             return found[-1].read_text(), compiled
         before = sorted(pathlib.Path(tmp).glob("*before_optimizations.txt"))
-        header = before[-1].read_text().partition("\n")[0] if before else ""
-        if not before or int((_PARTS.search(header) or [0, 1])[1]) > 1:
+        text = before[-1].read_text() if before else ""
+        parts = _PARTS.search(text.partition("\n")[0])  # in the header when more than one
+        if not before or (parts and int(parts[1]) > 1):
             raise RuntimeError("XLA wrote no HLO after its spmd-partitioning pass")
-        return before[-1].read_text(), compiled
+        return text, compiled
 
 
 _PARTS = re.compile(r"num_partitions=(\d+)")

@@ -423,7 +423,8 @@ def orbax_restore(
 ) -> dict[Path, jax.Array]:
     """Orbax PyTree restore of `DIR/state` ("keep"): a leaf with a sharding goes straight onto
     its devices (each host reading only its shards), the others to host memory and then onto
-    the default device (as the release loader places them)."""
+    the default device (as the release loader places them). Run after `StateReader.check`,
+    whose data-file check must precede the threaded restore (`_stray_callbacks_muted`)."""
     import orbax.checkpoint as ocp  # heavy import, only where Orbax itself reads
 
     def args(p, a):
@@ -431,7 +432,6 @@ def orbax_restore(
             return ocp.ArrayRestoreArgs(sharding=shardings[p], global_shape=a.shape, dtype=a.dtype)
         return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
 
-    check_data_files(state)  # before the threaded restore: see `_stray_callbacks_muted`
     target, restore_args = _nested(leaves), _nested({p: args(p, a) for p, a in leaves.items()})
     try:
         with _stray_callbacks_muted(), ocp.PyTreeCheckpointer() as ckptr:
